@@ -1,0 +1,3 @@
+"""diffuse: train, sample and compare diffusion language models."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,63 @@
+"""Callbacks: throughput, and the final metrics.json of a run."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+
+import lightning as L
+
+
+class Throughput(L.Callback):
+    """Logs `train/tokens_per_sec` every `log_every_n_steps` (no per-step device sync); the run
+    average, excluding the first step (compilation, warm-up), is kept for metrics.json."""
+
+    def __init__(self):
+        self.tokens = 0
+        self.window_tokens = 0
+        self.window_start = None
+        self.run_start = None
+        self.run_tokens = 0
+        self.average = float("nan")
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.window_start is None:
+            self.window_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        n = batch["input_ids"].numel()
+        if self.run_start is None:  # the first step pays for warm-up: start counting after it
+            self.run_start = time.perf_counter()
+            self.window_start, self.window_tokens = self.run_start, 0
+            return
+        self.window_tokens += n
+        self.run_tokens += n
+        if trainer.global_step % max(1, trainer.log_every_n_steps) == 0:
+            now = time.perf_counter()
+            rate = self.window_tokens / max(now - self.window_start, 1e-9)
+            pl_module.log("train/tokens_per_sec", rate, on_step=True, on_epoch=False)
+            self.window_start, self.window_tokens = now, 0
+            self.average = self.run_tokens / max(now - self.run_start, 1e-9)
+
+    def on_train_end(self, trainer, pl_module):
+        if self.run_start is not None and self.run_tokens:
+            self.average = self.run_tokens / max(time.perf_counter() - self.run_start, 1e-9)
+
+
+def write_metrics_json(path: str | Path, metrics: dict) -> dict:
+    """Flat {name: float}; written atomically."""
+    flat = {}
+    for k, v in metrics.items():
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            continue
+        flat[k] = v if math.isfinite(v) else None
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return flat

@@ -1,0 +1,127 @@
+"""One LightningDataModule for every text source: load → tokenize → pack → batches.
+
+Training batches come from a seeded, endless sampler that can start at any step, so a resumed run
+sees exactly the batches an uninterrupted one would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Sampler
+
+from diffuse.data.packing import pack_documents, pad_documents
+from diffuse.errors import DiffuseError
+from diffuse.registry import DATASETS, TOKENIZERS
+
+
+class ResumableRandomSampler(Sampler[int]):
+    """Endless stream of indices: epoch e is a permutation seeded by (seed, e). `start` skips the
+    first `start` indices of the stream without loading any data."""
+
+    def __init__(self, n: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
+        self.n, self.seed, self.start = n, seed, start
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        position = self.start * self.world_size + self.rank  # ranks interleave over one stream
+        epoch, offset = divmod(position, self.n)
+        while True:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            perm = torch.randperm(self.n, generator=g).tolist()
+            while offset < self.n:
+                yield perm[offset]
+                offset += self.world_size
+            epoch, offset = epoch + 1, offset - self.n
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        source: dict,
+        tokenizer: dict,
+        seq_len: int = 128,
+        batch_size: int = 16,
+        eval_batch_size: int | None = None,
+        pack: bool = True,
+        add_bos: bool = True,
+        add_eos: bool = True,
+        num_workers: int = 0,
+        seed: int = 0,
+        cache_dir: str = ".cache/diffuse",
+    ):
+        super().__init__()
+        if seq_len is None or int(seq_len) <= 0:
+            raise DiffuseError(f"data.seq_len={seq_len} must be a positive integer")
+        if int(batch_size) <= 0:
+            raise DiffuseError(f"data.batch_size={batch_size} must be a positive integer")
+        self.source = DATASETS.build(source)
+        self.tokenizer_builder = TOKENIZERS.build(tokenizer)
+        self.seq_len, self.batch_size = int(seq_len), int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.pack, self.add_bos, self.add_eos = pack, add_bos, add_eos
+        self.num_workers, self.seed, self.cache_dir = num_workers, seed, cache_dir
+        self.tokenizer = None
+        self.raw = None
+        self.splits: dict[str, Any] = {}
+        self.accumulate = 1  # set by the training entry point so resumption skips the right count
+
+    # -- tokenizer first: the model's vocab_size comes from it -----------------------------------
+    def load(self, tokenizer=None):
+        """Load text and build (or take) the tokenizer. Idempotent; called before the model exists."""
+        if self.raw is None:
+            self.raw, fingerprint = self.source.load(seed=self.seed, cache_dir=self.cache_dir)
+            self.fingerprint = fingerprint
+        if self.tokenizer is None:
+            self.tokenizer = tokenizer or self.tokenizer_builder(
+                (row["text"] for row in self.raw["train"]), cache_dir=self.cache_dir, fingerprint=self.fingerprint
+            )
+        return self.tokenizer
+
+    def setup(self, stage: str | None = None):
+        if self.splits:
+            return
+        self.load()
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if self.add_bos else []
+        eos = [tok.eos_token_id] if self.add_eos else []
+        arrange = pack_documents if self.pack else pad_documents
+
+        def encode(batch):
+            docs = tok(batch["text"], add_special_tokens=False)["input_ids"]
+            return arrange([bos + d + eos for d in docs], self.seq_len, tok.pad_token_id)
+
+        for split, ds in self.raw.items():
+            rows = ds.map(
+                encode, batched=True, batch_size=2000, remove_columns=ds.column_names,
+                desc=f"tokenize {split}", load_from_cache_file=False, keep_in_memory=True,
+            )
+            if len(rows) == 0:
+                raise DiffuseError(f"data split '{split}' is empty after tokenization")
+            self.splits[split] = rows.with_format("torch")
+
+    # -- loaders ----------------------------------------------------------------------------------
+    def train_dataloader(self):
+        ds = self.splits["train"]
+        # Lightning restores global_step before asking for the loader: start where the last run stopped.
+        trainer = self.trainer
+        step = trainer.global_step if trainer is not None else 0
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = ResumableRandomSampler(len(ds), self.seed, start=step * self.accumulate * self.batch_size,
+                                         rank=rank, world_size=world)
+        return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
+                          drop_last=True, persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self):
+        return DataLoader(self.splits["validation"], batch_size=self.eval_batch_size, num_workers=self.num_workers)
+
+    def test_dataloader(self):
+        return self.val_dataloader()
+
+    def describe(self) -> str:
+        n = {k: len(v) for k, v in self.splits.items()}
+        return f"{n.get('train', 0)} train / {n.get('validation', 0)} val rows of {self.seq_len} tokens, vocab {len(self.tokenizer)}"
+
+

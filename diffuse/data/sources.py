@@ -1,0 +1,129 @@
+"""Where raw text comes from. Each source returns a `datasets.DatasetDict` with a `text` column
+and `train` / `validation` splits; the DataModule does the rest (tokenize, pack) the same way for all.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import datasets
+
+from diffuse.errors import DiffuseError
+from diffuse.registry import DATASETS
+
+
+def _split(ds: datasets.Dataset, val_fraction: float, seed: int) -> datasets.DatasetDict:
+    if not 0.0 < val_fraction < 1.0:
+        raise DiffuseError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
+    if len(ds) < 2:
+        raise DiffuseError(f"data has {len(ds)} document(s); need at least 2 to split train/validation")
+    parts = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
+    return datasets.DatasetDict(train=parts["train"], validation=parts["test"])
+
+
+def _files(path) -> list[Path]:
+    """Expand a file, folder or list of them; fail with the culprit's name if missing/empty/not UTF-8."""
+    paths = [path] if isinstance(path, (str, Path)) else list(path or [])
+    if not paths:
+        raise DiffuseError("data.path is empty: give a text file or a folder (data.path=/path/to/text)")
+    files: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
+            if not found:
+                raise DiffuseError(f"data.path={p} is a folder with no files")
+            files += found
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DiffuseError(f"data.path={p} does not exist")
+    for f in files:
+        raw = f.read_bytes()
+        if not raw.strip():
+            raise DiffuseError(f"data file {f} is empty")
+        try:
+            raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DiffuseError(f"data file {f} is not UTF-8 (byte {err.start})") from None
+    return files
+
+
+def _load_text(files: list[Path], sample_by: str) -> datasets.Dataset:
+    ds = datasets.load_dataset(
+        "text", data_files=[str(f) for f in files], sample_by=sample_by, split="train"
+    )
+    return ds.filter(lambda row: bool(row["text"].strip()))
+
+
+def fingerprint_files(files: list[Path]) -> str:
+    h = hashlib.sha1()
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()
+
+
+@DATASETS.register("text")
+class TextSource:
+    """Local text files or folders through `datasets.load_dataset("text")`.
+
+    `sample_by`: what one document is — `paragraph` (blank-line separated), `line` or `document`
+    (a whole file). `val_path` gives an explicit validation set; otherwise a seeded split.
+    """
+
+    def __init__(self, path=None, val_path=None, sample_by: str = "paragraph", val_fraction: float = 0.05):
+        if path is None:
+            raise DiffuseError("data=text needs data.path=/path/to/file_or_folder")
+        self.path, self.val_path = path, val_path
+        self.sample_by, self.val_fraction = sample_by, val_fraction
+
+    def load(self, seed: int, cache_dir: str) -> tuple[datasets.DatasetDict, str]:
+        files = _files(self.path)
+        train = _load_text(files, self.sample_by)
+        fingerprint = fingerprint_files(files)
+        if self.val_path is None:
+            dd = _split(train, self.val_fraction, seed)
+        else:
+            dd = datasets.DatasetDict(train=train, validation=_load_text(_files(self.val_path), self.sample_by))
+        return dd, fingerprint
+
+
+@DATASETS.register("embedded")
+class EmbeddedSource(TextSource):
+    """The default corpus: CPython's own bundled documentation topics (`pydoc_data.topics`, ~465k
+    characters of English prose and code). Ships with Python, so it needs no network and no files."""
+
+    def __init__(self, val_fraction: float = 0.05):
+        super().__init__(path="<embedded>", sample_by="paragraph", val_fraction=val_fraction)
+
+    def load(self, seed: int, cache_dir: str):
+        from pydoc_data.topics import topics
+
+        text = "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
+        out = Path(cache_dir) / "embedded" / "pydoc_topics.txt"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        if not out.exists() or out.read_text() != text:
+            out.write_text(text)
+        self.path = str(out)
+        return super().load(seed, cache_dir)
+
+
+@DATASETS.register("wikitext2")
+class WikiText2Source:
+    """WikiText-2 (raw) from the Hugging Face hub. Offline it fails fast and names the alternative."""
+
+    def __init__(self, hub_name: str = "Salesforce/wikitext", config: str = "wikitext-2-raw-v1"):
+        self.hub_name, self.config = hub_name, config
+
+    def load(self, seed: int, cache_dir: str):
+        try:
+            dd = datasets.load_dataset(self.hub_name, self.config)
+        except Exception as err:  # offline, no cache, hub down: all mean the same to the user
+            raise DiffuseError(
+                f"data=wikitext2 could not load {self.hub_name}/{self.config} from the hub "
+                f"({type(err).__name__}); offline, use data=text data.path=<file>, e.g. "
+                "data=text data.path=../shared/data/wikitext-2/valid.txt"
+            ) from None
+        dd = dd.filter(lambda row: bool(row["text"].strip()))
+        return datasets.DatasetDict(train=dd["train"], validation=dd["validation"]), f"{self.hub_name}/{self.config}"

@@ -1,0 +1,127 @@
+"""Tokenizers: byte-level BPE trained on the training split, raw bytes, or any HF tokenizer.
+
+All three end as a `transformers.PreTrainedTokenizerFast` with the same four special tokens
+([PAD], [BOS], [EOS], [MASK]) so the rest of diffuse sees one type, and a run exports its tokenizer
+as a plain Hugging Face folder. `vocab_size` of the model is `len(tokenizer)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from diffuse.errors import DiffuseError
+from diffuse.registry import TOKENIZERS
+
+SPECIALS = {"pad_token": "[PAD]", "bos_token": "[BOS]", "eos_token": "[EOS]", "mask_token": "[MASK]"}
+
+
+def _wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(tokenizer_object=tok, **SPECIALS)
+
+
+def tokenizer_from_json(text: str) -> PreTrainedTokenizerFast:
+    return _wrap(Tokenizer.from_str(text))
+
+
+def tokenizer_state(tok: PreTrainedTokenizerFast) -> dict:
+    """Everything needed to rebuild `tok` without files (stored inside checkpoints)."""
+    specials = {k: getattr(tok, k) for k in SPECIALS}
+    return {"json": tok.backend_tokenizer.to_str(), "specials": specials,
+            "chat_template": getattr(tok, "chat_template", None)}
+
+
+def tokenizer_from_state(state: dict) -> PreTrainedTokenizerFast:
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(state["json"]), **state["specials"])
+    if state.get("chat_template"):
+        tok.chat_template = state["chat_template"]
+    return tok
+
+
+@TOKENIZERS.register("byte")
+class ByteTokenizer:
+    """256 byte symbols + the specials: never unknown, no training, long sequences."""
+
+    def __call__(self, texts: Iterable[str] | None = None, cache_dir: str | None = None):
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        vocab = {s: i for i, s in enumerate(sorted(alphabet))}
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens(list(SPECIALS.values()))
+        return _wrap(tok)
+
+
+@TOKENIZERS.register("bpe")
+class BPETokenizer:
+    """Byte-level BPE trained with `tokenizers` on the training text; cached by content hash."""
+
+    def __init__(self, vocab_size: int = 4096, min_frequency: int = 2):
+        if vocab_size <= 256 + len(SPECIALS):
+            raise DiffuseError(f"tokenizer.vocab_size={vocab_size} must exceed 260 (256 bytes + 4 specials)")
+        self.vocab_size = vocab_size
+        self.min_frequency = min_frequency
+
+    def __call__(self, texts: Iterable[str], cache_dir: str | None = None, fingerprint: str = ""):
+        cache = None
+        if cache_dir:
+            key = hashlib.sha1(f"{fingerprint}|{self.vocab_size}|{self.min_frequency}".encode()).hexdigest()[:16]
+            cache = Path(cache_dir) / "tokenizers" / f"bpe-{key}.json"
+            if cache.exists():
+                return tokenizer_from_json(cache.read_text())
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=self.vocab_size,
+            min_frequency=self.min_frequency,
+            special_tokens=list(SPECIALS.values()),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(_batches(texts), trainer=trainer)
+        if cache is not None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(tok.to_str())
+            os.replace(tmp, cache)  # atomic: concurrent sweep jobs never read half a file
+        return _wrap(tok)
+
+
+@TOKENIZERS.register("hf")
+class HFTokenizer:
+    """`AutoTokenizer` from a local folder or a hub name; missing specials are added."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __call__(self, texts=None, cache_dir: str | None = None, fingerprint: str = ""):
+        from transformers import AutoTokenizer
+
+        try:
+            tok = AutoTokenizer.from_pretrained(self.path)
+        except (OSError, ValueError) as err:
+            raise DiffuseError(
+                f"tokenizer.path={self.path!r} could not be loaded ({type(err).__name__}); offline, use a "
+                "local folder or tokenizer=bpe / tokenizer=byte"
+            ) from None
+        missing = {k: v for k, v in SPECIALS.items() if getattr(tok, k) is None}
+        if missing:
+            tok.add_special_tokens(missing)
+        return tok
+
+
+def _batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:
+    batch = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

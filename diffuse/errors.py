@@ -1,0 +1,29 @@
+"""One-line errors for bad input: the CLI prints them without a traceback and exits non-zero."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+
+class DiffuseError(ValueError):
+    """A problem with the user's input (a config key, a value, a file). Printed as one line."""
+
+
+def require(condition: bool, message: str) -> None:
+    if not condition:
+        raise DiffuseError(message)
+
+
+def one_line_errors(main):
+    """Wrap a CLI entry point: a DiffuseError becomes `error: …` on stderr and exit code 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except DiffuseError as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+
+    return wrapper

@@ -1,0 +1,57 @@
+"""What every objective shares: the output of a loss, the special token ids, antithetic time draws.
+
+An objective is a small object with (at least)
+  causal: bool                      — which attention/scan the backbone must use
+  default_sampler: str              — the sampler that fits its reverse process
+  loss(backbone, batch, generator, train) -> LossOutput
+Objectives that support the consistency regularizer also give the hooks `sample_t`, `draw_noise`,
+`corrupt`, `predict`, `still_noisy`, `noise_level` and `distance` (see regularizers/).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    pad: int
+    bos: int
+    eos: int
+    mask: int
+
+    @classmethod
+    def from_tokenizer(cls, tok) -> "SpecialTokens":
+        return cls(tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, tok.mask_token_id)
+
+
+@dataclass
+class LossOutput:
+    """`loss` is what is optimised; `nll_sum / n_tokens` is the per-token NLL bound (nats) that
+    becomes val/nelbo. `metrics` are extra scalars; `token_*` (optional) are per-predicted-token
+    correctness, confidence and corruption level for the bucketed metrics."""
+
+    loss: torch.Tensor
+    nll_sum: torch.Tensor
+    n_tokens: torch.Tensor
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    token_correct: torch.Tensor | None = None
+    token_confidence: torch.Tensor | None = None
+    token_level: torch.Tensor | None = None
+
+
+def antithetic_uniform(n: int, device, generator=None, shape_tail: tuple = ()) -> torch.Tensor:
+    """n stratified draws on [0, 1): one shared offset plus i/n (lower variance than i.i.d.)."""
+    u0 = torch.rand((1, *shape_tail), device=device, generator=generator)
+    strata = torch.arange(n, device=device, dtype=u0.dtype).view(n, *([1] * len(shape_tail))) / n
+    return (u0 + strata) % 1.0
+
+
+def predicted_token_stats(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor):
+    """Correctness and confidence (max probability) of the argmax at the `where` positions."""
+    with torch.no_grad():
+        probs = logits[where].float().softmax(-1)
+        conf, pred = probs.max(-1)
+        return (pred == targets[where]).float(), conf

@@ -1,0 +1,79 @@
+"""Name → class registries: one mechanism for every family (models, objectives, ...).
+
+A config names its component (`name: llada`) plus keyword arguments; `build` looks the name up and
+calls the class. Unknown names and unknown keywords fail at start with what would have been valid.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from diffuse.errors import DiffuseError
+
+
+class Registry:
+    def __init__(self, family: str):
+        self.family = family
+        self._entries: dict[str, Callable[..., Any]] = {}
+
+    def register(self, name: str) -> Callable:
+        def decorator(obj):
+            if name in self._entries and self._entries[name] is not obj:
+                raise RuntimeError(f"{self.family} '{name}' is registered twice")
+            self._entries[name] = obj
+            obj.registry_name = name
+            return obj
+
+        return decorator
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def get(self, name: str) -> Callable[..., Any]:
+        if name not in self._entries:
+            raise DiffuseError(
+                f"unknown {self.family} '{name}'; registered: {', '.join(self.names())}"
+            )
+        return self._entries[name]
+
+    def build(self, spec: Mapping[str, Any], **extra: Any) -> Any:
+        """Build from a config mapping `{name: ..., **kwargs}`; `extra` are runtime arguments."""
+        spec = dict(spec)
+        name = spec.pop("name", None)
+        if name is None:
+            raise DiffuseError(f"{self.family} config has no 'name'; registered: {', '.join(self.names())}")
+        cls = self.get(name)
+        kwargs = {**spec, **extra}
+        params = inspect.signature(cls).parameters
+        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+            unknown = sorted(set(kwargs) - set(params))
+            if unknown:
+                raise DiffuseError(
+                    f"{self.family} '{name}' got unknown key(s) {', '.join(unknown)}; "
+                    f"accepted: {', '.join(p for p in params if p != 'self')}"
+                )
+        return cls(**kwargs)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries
+
+
+MODELS = Registry("model")
+OBJECTIVES = Registry("objective")
+REGULARIZERS = Registry("regularizer")
+SCHEDULES = Registry("schedule")
+SAMPLERS = Registry("sampler")
+TOKENIZERS = Registry("tokenizer")
+DATASETS = Registry("data")
+
+
+def load_all() -> None:
+    """Import every built-in component so its @register decorator runs."""
+    import diffuse.data  # noqa: F401
+    import diffuse.models  # noqa: F401
+    import diffuse.objectives  # noqa: F401
+    import diffuse.regularizers  # noqa: F401
+    import diffuse.sampling  # noqa: F401
+    import diffuse.schedules  # noqa: F401

@@ -1,0 +1,2 @@
+"""Regularizers added to an objective's loss, registered by name. Each is called as
+`reg(objective, backbone, batch, generator) -> (loss, metrics)` and its loss is added to the total."""

@@ -1,0 +1,72 @@
+"""Left-to-right sampling for autoregressive models, with temperature / top-k / top-p.
+
+Uses the backbone's cache (KV cache for the transformer) when it has one, so each new token costs
+one position; prompts of different lengths are left-padded with invisible padding.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from diffuse.errors import DiffuseError
+from diffuse.registry import SAMPLERS
+from diffuse.sampling.base import Sampler, SampleOutput, row_generators, sample_tokens, trim_at_eos
+
+
+@SAMPLERS.register("ar")
+class ARSampler(Sampler):
+    needs_causal = True
+
+    def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 steps: int | None = None, schedule: str | None = None):
+        if top_p is not None and not 0.0 < top_p <= 1.0:
+            raise DiffuseError(f"sampler.top_p={top_p} must lie in (0, 1]")
+        self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
+        # steps/schedule are accepted for a uniform CLI; AR always takes one step per token
+
+    def filter(self, logp: torch.Tensor) -> torch.Tensor:
+        if self.top_k:
+            kth = logp.topk(min(self.top_k, logp.shape[-1]), dim=-1).values[..., -1:]
+            logp = logp.masked_fill(logp < kth, float("-inf"))
+        if self.top_p is not None and self.top_p < 1.0:
+            sorted_lp, order = logp.sort(-1, descending=True)
+            cum = sorted_lp.softmax(-1).cumsum(-1)
+            drop = cum - sorted_lp.softmax(-1) > self.top_p  # keep the smallest set reaching top_p
+            logp = logp.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+        return logp
+
+    @torch.no_grad()
+    def generate(self, backbone, objective, prompts, length, seed=0) -> SampleOutput:
+        special = objective.special
+        device = next(backbone.parameters()).device
+        heads = [[special.bos] + list(p) for p in prompts]
+        width = max(map(len, heads))
+        ids = torch.full((len(heads), width), special.pad, dtype=torch.long, device=device)
+        seg = torch.zeros_like(ids)
+        for r, h in enumerate(heads):  # left-pad so every row's next token sits in the last column
+            ids[r, width - len(h):] = torch.tensor(h, device=device)
+            seg[r, width - len(h):] = 1
+        gens = row_generators(seed, len(prompts), device)
+        cache = backbone.new_cache() if hasattr(backbone, "new_cache") else None
+        out, done, nfe = [], torch.zeros(len(heads), dtype=torch.bool, device=device), 0
+        step_ids, step_seg = ids, seg
+        for _ in range(length):
+            if cache is None:  # no cache: re-run the whole prefix
+                step_ids = torch.cat([ids] + [o[:, None] for o in out], 1)
+                step_seg = torch.cat([seg] + [torch.ones_like(o[:, None]) for o in out], 1)
+            hidden = backbone(ids=step_ids, segment_ids=step_seg, causal=True, **({"cache": cache} if cache is not None else {}))
+            nfe += 1
+            logits = backbone.logits(hidden[:, -1:]).float()
+            logits[..., special.mask] = float("-inf")
+            nxt = sample_tokens(self.filter(logits.log_softmax(-1)), self.temperature, gens)[:, 0]
+            nxt = nxt.masked_fill(done, special.pad)
+            out.append(nxt)
+            done |= nxt == special.eos
+            if done.all():
+                break
+            step_ids, step_seg = nxt[:, None], torch.ones_like(nxt[:, None])
+        tokens = torch.stack(out, 1)
+        if tokens.shape[1] < length:
+            tokens = torch.cat([tokens, tokens.new_full((tokens.shape[0], length - tokens.shape[1]), special.pad)], 1)
+        tokens, lengths = trim_at_eos(tokens, special)
+        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts])

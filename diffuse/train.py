@@ -1,0 +1,92 @@
+"""`python -m diffuse.train [group=option ...] [key=value ...]` — train one model (or a sweep with -m).
+
+Thin on purpose: compose the config, build the pieces through the registries, hand them to one
+`lightning.Trainer`, write metrics.json, print a few samples.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import hydra
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from diffuse.build import build_datamodule, build_module, check_checkpoint_fits
+from diffuse.callbacks import Throughput, write_metrics_json
+from diffuse.checkpoint import AtomicCheckpointIO
+from diffuse.errors import one_line_errors
+from diffuse.paths import CONFIG_DIR
+
+log = logging.getLogger("diffuse")
+
+
+def resume_path(cfg, run_dir: Path) -> str | None:
+    if cfg.get("ckpt_path"):
+        return str(cfg.ckpt_path)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    return str(last) if cfg.get("resume") and last.is_file() else None
+
+
+@one_line_errors
+def train(cfg: DictConfig) -> dict:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    run_config = OmegaConf.to_container(cfg, resolve=True)
+
+    ckpt_path = resume_path(cfg, run_dir)
+    ckpt_tokenizer = None
+    if ckpt_path:  # keep the checkpoint's tokenizer: a resumed run must see the same vocabulary
+        from diffuse.checkpoint import load_tokenizer
+
+        ckpt_tokenizer = load_tokenizer(ckpt_path)
+
+    dm = build_datamodule(cfg, seed=cfg.seed, cache_dir=cfg.paths.cache_dir)
+    tokenizer = dm.load(ckpt_tokenizer)
+    module = build_module(cfg, tokenizer, run_config=run_config)
+    if ckpt_path:
+        check_checkpoint_fits(module, ckpt_path)
+    dm.setup("fit")
+    n_params = sum(p.numel() for p in module.backbone.parameters())
+    log.info("data: %s; model: %.2fM parameters; run dir: %s", dm.describe(), n_params / 1e6, run_dir)
+
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
+                                     plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+    dm.accumulate = trainer.accumulate_grad_batches
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+
+    if module.last_val_step != trainer.global_step:  # metrics.json reports the final weights
+        trainer.validate(module, datamodule=dm, verbose=False)
+    last = run_dir / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(str(last))  # the final state, whatever the checkpoint interval
+
+    metrics = dict(trainer.callback_metrics)
+    speed = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
+    if speed is not None:
+        metrics["train/tokens_per_sec"] = speed.average
+    flat = write_metrics_json(run_dir / "metrics.json", metrics)
+    summary = ", ".join(f"{k}={flat[k]:.4g}" for k in ("val/nelbo", "val/bpt", "train/loss", "train/tokens_per_sec")
+                        if flat.get(k) is not None)
+    log.info("done at step %d: %s", trainer.global_step, summary)
+
+    if cfg.get("num_samples", 0) > 0:
+        out = module.generate([[] for _ in range(cfg.num_samples)], cfg.sample_length, seed=cfg.seed)
+        for i, (row, n) in enumerate(zip(out.tokens.tolist(), out.lengths.tolist())):
+            text = tokenizer.decode(row[:n], skip_special_tokens=True)
+            print(f"--- sample {i} ({n} tokens, {out.nfe} forward passes) ---\n{text}")
+    return flat
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    flat = train(cfg)
+    return flat.get(cfg.get("optimized_metric") or "val/nelbo")  # for sweepers (Optuna)
+
+
+if __name__ == "__main__":
+    main()
