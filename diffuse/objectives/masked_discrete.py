@@ -74,19 +74,10 @@ class MaskedDiscrete:
 
     # -- the network's prediction ---------------------------------------------------------------
     def predict(self, backbone, z, t, batch) -> torch.Tensor:
-        """SUBS log-probabilities over x0: [MASK] impossible; unmasked positions are one-hot on z."""
-        t_in = t.squeeze(-1) if t.dim() == 2 and t.shape[1] == 1 else t
-        logits = backbone.logits(backbone(ids=z, t=t_in, segment_ids=batch.get("segment_ids")))
-        logits = logits.float()
-        logits[..., self.special.mask] = float("-inf")
-        logp = logits.log_softmax(-1)
-        keep = z != self.special.mask
-        return torch.where(keep[..., None], F.one_hot(z, logp.shape[-1]).float().log(), logp)
+        return subs_log_probs(backbone, z, t, batch, self.special.mask)
 
     def distance(self, pred, target, where) -> torch.Tensor:
-        """KL(target ‖ pred) per position, on the vocabulary distribution (zero where not `where`)."""
-        kl = (target.exp() * (target - pred)).nan_to_num(0.0).sum(-1)
-        return kl * where
+        return kl_distance(pred, target, where)
 
     # -- the loss -------------------------------------------------------------------------------
     def loss(self, backbone, batch, generator=None, train: bool = True) -> LossOutput:
@@ -112,3 +103,21 @@ class MaskedDiscrete:
             token_confidence=conf,
             token_level=level[masked],
         )
+
+
+# -- shared by every absorbing-state objective (masked_discrete, llada) ------------------------------
+def subs_log_probs(backbone, z, t, batch, mask_id: int) -> torch.Tensor:
+    """SUBS log-probabilities over x0: [MASK] impossible; unmasked positions are one-hot on z."""
+    t_in = t.squeeze(-1) if t.dim() == 2 and t.shape[1] == 1 else t
+    logits = backbone.logits(backbone(ids=z, t=t_in, segment_ids=batch.get("segment_ids")))
+    logits = logits.float()
+    logits[..., mask_id] = float("-inf")
+    logp = logits.log_softmax(-1)
+    keep = z != mask_id
+    return torch.where(keep[..., None], F.one_hot(z, logp.shape[-1]).float().log(), logp)
+
+
+def kl_distance(pred, target, where) -> torch.Tensor:
+    """KL(target ‖ pred) per position, on the vocabulary distribution (zero where not `where`)."""
+    kl = (target.exp() * (target - pred)).nan_to_num(0.0).sum(-1)
+    return kl * where

@@ -1,0 +1,127 @@
+"""Any Hugging Face causal LM (`AutoModelForCausalLM`) as a diffusion backbone.
+
+Built either from a config (`config: {model_type: llama, ...}` → `AutoConfig.for_model`, randomly
+initialised) or from a local pretrained folder (`base_model`; a hub name works when online). The
+model is made bidirectional by handing it a ready 4D attention mask: transformers (5.x,
+`masking_utils`) uses a 4D mask as given instead of building its causal one. The mask comes from
+`segment_ids` (diffuse.models.layers.attention_mask), so a token sees only its own document and never
+padding; it is additive (0 / dtype-min), which the sdpa and eager attention paths both accept.
+Positions restart at 0 in every document, so a packed document is computed exactly as if alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from diffuse.errors import DiffuseError
+from diffuse.models.layers import attention_mask
+from diffuse.registry import MODELS
+
+# `debug=default` (and users) size every model with these keys; they map onto any HF config
+GENERIC_KEYS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers"}
+
+
+@MODELS.register("hf")
+class HFCausalLM(nn.Module):
+    time_conditioned = False
+
+    def __init__(
+        self,
+        vocab_size: int,
+        config: dict | None = None,
+        base_model: str | None = None,
+        d_model: int | None = None,
+        n_layers: int | None = None,
+        attn_implementation: str = "sdpa",
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        compile: bool = False,
+    ):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        torch_dtype = getattr(torch, str(dtype), None)
+        if not isinstance(torch_dtype, torch.dtype):
+            raise DiffuseError(f"model.dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+        if base_model is not None:
+            self.model = _load_pretrained(base_model, attn_implementation, torch_dtype)
+            # the tokenizer may have added [MASK]/[PAD]…: grow the embeddings (never shrink trained rows)
+            if vocab_size > self.model.get_input_embeddings().num_embeddings:
+                self.model.resize_token_embeddings(vocab_size)
+        else:
+            cfg = _config_from_dict(config, vocab_size, {"d_model": d_model, "n_layers": n_layers})
+            self.model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation,
+                                                          dtype=torch_dtype)
+        self.decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
+        self.vocab_size = self.model.get_output_embeddings().out_features
+        self.mask_token_id = getattr(self.model.config, "mask_token_id", None)  # e.g. LLaDA checkpoints
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compile:
+            self.decoder.compile(dynamic=True)  # in place: state-dict keys stay plain
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.model.get_input_embeddings()(ids)
+
+    def forward(self, ids=None, embeds=None, t=None, segment_ids=None, causal=False):
+        """Hidden states [B, L, D] after the model's final norm; `t` is ignored (not time-conditioned)."""
+        x = self.embed(ids) if embeds is None else embeds
+        B, L, _ = x.shape
+        seg = segment_ids if segment_ids is not None else torch.ones(B, L, dtype=torch.long, device=x.device)
+        allowed = attention_mask(seg, causal, L)
+        additive = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
+        additive.masked_fill_(~allowed, torch.finfo(x.dtype).min)
+        out = self.decoder(inputs_embeds=x, attention_mask=additive, position_ids=document_positions(seg),
+                           use_cache=False)
+        return out.last_hidden_state
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.get_output_embeddings()(hidden)
+
+
+def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """0, 1, 2, … restarting wherever the segment id changes (padding counts on, unseen)."""
+    L = segment_ids.shape[1]
+    idx = torch.arange(L, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return idx - torch.where(starts, idx, 0).cummax(1).values
+
+
+def _config_from_dict(config: dict | None, vocab_size: int, generic: dict):
+    from transformers import AutoConfig
+
+    spec = dict(config or {})
+    model_type = spec.pop("model_type", None)
+    if model_type is None:
+        raise DiffuseError("model=hf needs model.config.model_type (e.g. llama) or model.base_model=/path")
+    try:
+        cfg = AutoConfig.for_model(model_type, **spec)
+    except ValueError:
+        raise DiffuseError(f"model.config.model_type={model_type!r} is not a transformers model type") from None
+    for key, value in generic.items():
+        if value is not None:
+            setattr(cfg, GENERIC_KEYS[key], int(value))
+    cfg.vocab_size = vocab_size
+    cfg.use_cache = False
+    return cfg
+
+
+def _load_pretrained(base_model: str, attn_implementation: str, torch_dtype):
+    from transformers import AutoModelForCausalLM
+
+    local = Path(base_model).expanduser()
+    if str(base_model).startswith((".", "/", "~")) and not local.is_dir():
+        raise DiffuseError(f"model.base_model={base_model} is not a folder")
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            str(local) if local.is_dir() else base_model, attn_implementation=attn_implementation, dtype=torch_dtype
+        )
+    except (OSError, ValueError) as err:
+        raise DiffuseError(
+            f"model.base_model={base_model!r} could not be loaded ({type(err).__name__}); offline, use a local "
+            "folder (model.base_model=/path/to/model) or drop base_model to build the tiny Llama from model.config"
+        ) from None
