@@ -47,7 +47,7 @@ def tokenizer_from_state(state: dict) -> PreTrainedTokenizerFast:
 class ByteTokenizer:
     """256 byte symbols + the specials: never unknown, no training, long sequences."""
 
-    def __call__(self, texts: Iterable[str] | None = None, cache_dir: str | None = None):
+    def __call__(self, texts: Iterable[str] | None = None, cache_dir: str | None = None, fingerprint: str = ""):
         alphabet = pre_tokenizers.ByteLevel.alphabet()
         vocab = {s: i for i, s in enumerate(sorted(alphabet))}
         tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
