@@ -90,8 +90,20 @@ class TextDataModule(L.LightningDataModule):
         arrange = pack_documents if self.pack else pad_documents
 
         def encode(batch):
-            docs = tok(batch["text"], add_special_tokens=False)["input_ids"]
-            return arrange([bos + d + eos for d in docs], self.seq_len, tok.pad_token_id)
+            if "prompt" not in batch:
+                docs = tok(batch["text"], add_special_tokens=False)["input_ids"]
+                return arrange([bos + d + eos for d in docs], self.seq_len, tok.pad_token_id)
+            # prompt/answer pairs (SFT): `text` starts with `prompt`; a per-token prompt_mask marks BOS + prompt
+            heads = tok(batch["prompt"], add_special_tokens=False)["input_ids"]
+            answers = [t[len(p):] for t, p in zip(batch["text"], batch["prompt"])]
+            tails = tok(answers, add_special_tokens=False)["input_ids"]
+            docs = [bos + h + a + eos for h, a in zip(heads, tails)]
+            prompt_mask = [[1] * (len(bos) + len(h)) + [0] * (len(a) + len(eos)) for h, a in zip(heads, tails)]
+            return arrange(docs, self.seq_len, tok.pad_token_id, extra={"prompt_mask": prompt_mask})
+
+        render = getattr(self.source, "render", None)  # sources that need the tokenizer (chat templates)
+        if render is not None:
+            self.raw = render(self.raw, tok)
 
         for split, ds in self.raw.items():
             rows = ds.map(

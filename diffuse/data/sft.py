@@ -1,0 +1,94 @@
+"""Supervised fine-tuning data: local JSONL of prompt/answer pairs (`data=sft`).
+
+Two formats, read with `datasets.load_dataset("json")`:
+- `completion`:   {"prompt": "...", "completion": "..."}  — text = prompt + completion, verbatim
+                  (no separator is inserted: end prompts with a space or newline if you want one);
+- `conversation`: {"messages": [{"role": "user", "content": "..."}, …, {"role": "assistant", …}]}
+                  — the last message is the answer (it must be the assistant's); every earlier turn
+                  is prompt. Rendered with the tokenizer's chat template when it has one, else with
+                  the plain template below.
+
+The source yields `prompt` and `text` columns (text starts with prompt); the DataModule tokenizes the
+two parts separately and adds a per-token `prompt_mask`, so the objective never masks the prompt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import datasets
+
+from diffuse.data.sources import _files, _split, fingerprint_files
+from diffuse.errors import DiffuseError
+from diffuse.registry import DATASETS
+
+FORMATS = ("auto", "completion", "conversation")
+
+
+def plain_chat(messages: list[dict], add_generation_prompt: bool) -> str:
+    """The plain template: one `role: content` line per message; a generation prompt is `assistant: `."""
+    text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
+    return text + ("assistant: " if add_generation_prompt else "")
+
+
+@DATASETS.register("sft")
+class SFTSource:
+    def __init__(self, path=None, val_path=None, format: str = "auto", val_fraction: float = 0.05):
+        if path is None:
+            raise DiffuseError("data=sft needs data.path=/path/to/file.jsonl")
+        if format not in FORMATS:
+            raise DiffuseError(f"data.format={format!r} must be one of {', '.join(FORMATS)}")
+        self.path, self.val_path, self.format, self.val_fraction = path, val_path, format, val_fraction
+
+    def load(self, seed: int, cache_dir: str) -> tuple[datasets.DatasetDict, str]:
+        files = _files(self.path)
+        train = self._read(files)
+        if self.val_path is None:
+            dd = _split(train, self.val_fraction, seed)
+        else:
+            dd = datasets.DatasetDict(train=train, validation=self._read(_files(self.val_path)))
+        key = hashlib.sha1(f"{fingerprint_files(files)}|{self.format}".encode()).hexdigest()
+        return dd, key
+
+    def _read(self, files) -> datasets.Dataset:
+        names = ", ".join(map(str, files))
+        try:
+            ds = datasets.load_dataset("json", data_files=[str(f) for f in files], split="train")
+        except Exception as err:
+            raise DiffuseError(f"data.path={names} is not readable JSONL ({type(err).__name__})") from None
+        fmt = self._format_of(ds.column_names, names)
+        if fmt == "completion":
+            return ds.map(lambda r: {"prompt": r["prompt"], "text": r["prompt"] + r["completion"]},
+                          remove_columns=ds.column_names)
+        for i, row in enumerate(ds):
+            msgs = row["messages"]
+            if not msgs or msgs[-1].get("role") != "assistant":
+                raise DiffuseError(f"data file {names}: row {i} does not end with an assistant message")
+        # plain rendering now (it trains a BPE tokenizer); `render` redoes it with a chat template
+        return ds.map(lambda r: {"prompt": plain_chat(r["messages"][:-1], True),
+                                 "text": plain_chat(r["messages"][:-1], True) + r["messages"][-1]["content"]})
+
+    def _format_of(self, columns: list[str], names: str) -> str:
+        found = ("conversation" if "messages" in columns
+                 else "completion" if {"prompt", "completion"} <= set(columns) else None)
+        if found is None or self.format not in ("auto", found):
+            need = {"completion": "'prompt' and 'completion'", "conversation": "'messages'",
+                    "auto": "'messages' or 'prompt' and 'completion'"}[self.format]
+            raise DiffuseError(f"data file {names} has columns {', '.join(columns)}; "
+                               f"data.format={self.format} needs {need}")
+        return found
+
+    def render(self, raw: datasets.DatasetDict, tokenizer) -> datasets.DatasetDict:
+        """With the tokenizer known: conversations go through its chat template when it has one."""
+        if getattr(tokenizer, "chat_template", None) is None or "messages" not in raw["train"].column_names:
+            return raw.remove_columns([c for c in ("messages",) if c in raw["train"].column_names])
+
+        def chat(row):
+            prompt = tokenizer.apply_chat_template(row["messages"][:-1], tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(row["messages"], tokenize=False)
+            if not text.startswith(prompt):
+                raise DiffuseError("the tokenizer's chat template renders a conversation that does not start "
+                                   "with its own generation prompt; use a tokenizer without a template")
+            return {"prompt": prompt, "text": text}
+
+        return raw.map(chat, remove_columns=["messages"])
