@@ -2,3 +2,4 @@
 causal) -> hidden` and `logits(hidden)`; objectives use nothing else."""
 
 from diffuse.models import hf, transformer  # noqa: F401
+from diffuse.models import mamba2  # noqa: F401
