@@ -33,7 +33,8 @@ class DiffusionLM(L.LightningModule):
         return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + stream)
 
     def training_step(self, batch, batch_idx):
-        gen = self._generator(self.global_step)
+        accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
+        gen = self._generator(self.global_step * accumulate + batch_idx % accumulate)
         out = self.objective.loss(self.backbone, batch, gen, train=True)
         total = out.loss
         logs = {"train/objective_loss": out.loss, **{f"train/{k}": v for k, v in out.metrics.items()}}
