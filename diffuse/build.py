@@ -57,7 +57,7 @@ def build_sampler(spec: dict | None, objective, announce=print):
     """The configured sampler when it fits the objective, else the objective's own default."""
     load_all()
     spec = dict(spec or {})
-    if spec.get("name") and SAMPLERS.get(spec["name"]).needs_causal == objective.causal:
+    if spec.get("name") and SAMPLERS.get(spec["name"]).compatible(objective):
         return SAMPLERS.build(spec)
     if spec.get("name"):
         announce(f"sampler={spec['name']} does not fit this objective; using sampler={objective.default_sampler}")

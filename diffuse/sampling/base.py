@@ -76,6 +76,8 @@ class Sampler:
     """Base: `steps`, step `schedule` name, `temperature`; subclasses implement `generate`."""
 
     needs_causal = False  # True for samplers of autoregressive models
+    sample_space = "tokens"  # what the reverse process moves through: tokens, or embeddings (ddim)
 
-    def compatible(self, objective) -> bool:
-        return objective.causal == self.needs_causal
+    @classmethod
+    def compatible(cls, objective) -> bool:
+        return objective.causal == cls.needs_causal and getattr(objective, "sample_space", "tokens") == cls.sample_space
