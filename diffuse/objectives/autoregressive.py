@@ -20,6 +20,7 @@ class Autoregressive:
     def loss(self, backbone, batch, generator=None, train: bool = True) -> LossOutput:
         ids, seg = batch["input_ids"], batch["segment_ids"]
         logits = backbone.logits(backbone(ids=ids, segment_ids=seg, causal=True))[:, :-1].float()
+        logits[..., self.special.mask] = float("-inf")  # never a target, never sampled: the NLL is over V
         targets = ids[:, 1:]
         # predict a token only from earlier tokens of its own document
         where = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] > 0)
