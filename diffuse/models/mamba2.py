@@ -128,7 +128,7 @@ class Mamba2Mixer(nn.Module):
         else:
             xBC = causal_conv(xBC, self.conv1d, runs)
         x, B, C = F.silu(xBC).split([self.d_inner, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
-        if real is not None:  # padding feeds nothing into the state
+        if real is not None:  # padding feeds nothing in (run masks already isolate it; this is a second guard)
             x = x * real[..., None].to(x.dtype)
         Bsz, L, _ = x.shape
         x = x.reshape(Bsz, L, self.nheads, self.headdim)
