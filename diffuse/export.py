@@ -1,0 +1,57 @@
+"""`python -m diffuse.export ckpt=PATH out=DIR` — a checkpoint as a plain Hugging Face-style folder.
+
+The folder holds `model.safetensors` (the backbone's weights under their plain state-dict keys),
+`diffuse_config.json` (the run config) and the tokenizer (`tokenizer.json` & co.). `load_exported(DIR)`
+rebuilds the model from that folder alone, with identical logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_model, save_model
+from transformers import AutoTokenizer
+
+from diffuse.checkpoint import load_run
+from diffuse.errors import DiffuseError, one_line_errors
+from diffuse.paths import CONFIG_DIR
+
+CONFIG_FILE = "diffuse_config.json"
+
+
+def export(ckpt: str, out: str) -> Path:
+    cfg, tokenizer, module = load_run(ckpt)
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(module.backbone, str(out_dir / "model.safetensors"))  # drops tied duplicates safely
+    (out_dir / CONFIG_FILE).write_text(json.dumps(OmegaConf.to_container(cfg), indent=2))
+    tokenizer.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def load_exported(folder: str):
+    """(config, tokenizer, DiffusionLM) from an exported folder."""
+    from diffuse.build import build_module
+
+    folder = Path(folder)
+    if not (folder / CONFIG_FILE).is_file():
+        raise DiffuseError(f"{folder} is not a diffuse export (no {CONFIG_FILE})")
+    run_config = json.loads((folder / CONFIG_FILE).read_text())
+    cfg = OmegaConf.create(run_config)
+    tokenizer = AutoTokenizer.from_pretrained(str(folder))
+    module = build_module(cfg, tokenizer, run_config=run_config)
+    load_model(module.backbone, str(folder / "model.safetensors"))
+    return cfg, tokenizer, module.eval()
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
+@one_line_errors
+def main(cfg: DictConfig) -> None:
+    print(f"exported to {export(cfg.ckpt, cfg.out)}")
+
+
+if __name__ == "__main__":
+    main()
