@@ -1,0 +1,118 @@
+"""Evaluate one checkpoint end to end: its likelihood on held-out data, a steps-vs-quality sweep of
+its samples, and the reference line of real text. Shared by `diffuse.evaluate` and `diffuse.compare`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from itertools import islice
+
+import datasets
+from omegaconf import OmegaConf
+
+from diffuse.build import DATAMODULE_KEYS, as_dict, build_datamodule
+from diffuse.checkpoint import load_run
+from diffuse.errors import DiffuseError
+from diffuse.evaluation.likelihood import evaluate_likelihood
+from diffuse.evaluation.quality import degenerate, real_snippets, reference
+from diffuse.evaluation.sweep import sweep
+
+
+@dataclass
+class Checkpoint:
+    path: str
+    cfg: object  # the training config stored in the checkpoint
+    tokenizer: object
+    module: object
+
+    @property
+    def objective(self) -> str:
+        return self.module.objective.registry_name
+
+    @property
+    def causal(self) -> bool:
+        return bool(getattr(self.module.objective, "causal", False))
+
+
+def load_checkpoint(path: str, device) -> Checkpoint:
+    cfg, tokenizer, module = load_run(str(path))
+    return Checkpoint(str(path), cfg, tokenizer, module.to(device))
+
+
+def eval_data_config(train_data: dict, data: dict | None, overridden: set[str] = frozenset()) -> dict:
+    """The checkpoint's own data config, or the `data=` group given, whose DataModule keys (seq_len,
+    batch sizes, BOS/EOS, packing) follow the checkpoint unless set on the command line: the model
+    is evaluated on the context it was trained for."""
+    if not data:
+        return dict(train_data)
+    out = dict(data)
+    for key in DATAMODULE_KEYS:
+        if key in train_data and key not in overridden:
+            out[key] = train_data[key]
+    return out
+
+
+def heldout(ckpt: Checkpoint, data_cfg: dict, seed: int, cache_dir: str):
+    """A DataModule over the validation split only, tokenized with the checkpoint's tokenizer."""
+    spec = OmegaConf.create({"data": data_cfg, "tokenizer": as_dict(ckpt.cfg.tokenizer)})
+    dm = build_datamodule(spec, seed=seed, cache_dir=cache_dir)
+    dm.load(ckpt.tokenizer)
+    dm.raw = datasets.DatasetDict(validation=dm.raw["validation"])  # skip tokenizing the training split
+    dm.setup("validate")
+    return dm
+
+
+def sampler_spec(settings, ckpt: Checkpoint) -> dict:
+    spec = as_dict(settings.get("sampler")) or as_dict(ckpt.cfg.get("sampler"))
+    if settings.get("temperature") is not None:
+        spec["temperature"] = settings.temperature
+    return spec
+
+
+def step_list(settings, spec: dict) -> list[int]:
+    """`steps=[8,16,…]` sweeps, `steps=32` is one step count, null: the sampler's own."""
+    steps = settings.get("steps")
+    if steps is None:
+        return [int(spec.get("steps") or 64)]
+    steps = [steps] if isinstance(steps, int) else list(steps)
+    if not steps or any(not isinstance(s, int) or s <= 0 for s in steps):
+        raise DiffuseError(f"steps={steps} must be a positive integer or a list of them")
+    return sorted(set(steps))
+
+
+def evaluate_checkpoint(ckpt: Checkpoint, settings, data_cfg: dict, judge, cache_dir: str,
+                        track=None, announce=print) -> dict:
+    """Everything `diffuse.evaluate` reports for one checkpoint, as one JSON-able dict."""
+    seed = int(settings.seed if settings.get("seed") is not None else ckpt.cfg.get("seed", 0))
+    result = {"ckpt": ckpt.path, "objective": ckpt.objective, "seed": seed, "data": data_cfg,
+              "judge": getattr(judge, "name", None), "notes": []}
+    dm = heldout(ckpt, data_cfg, seed, cache_dir)
+    result["data_description"] = dm.describe()
+
+    if settings.get("likelihood", True):
+        limit = settings.get("limit_batches")
+        loader = dm.val_dataloader()
+        total = len(loader) if limit is None else min(int(limit), len(loader))
+        result["likelihood"] = evaluate_likelihood(ckpt.module, islice(loader, total), settings.t_samples,
+                                                   seed, track=track, total=total)
+
+    if int(settings.num_samples) > 0:
+        if judge is None:
+            result["notes"].append("gen-PPL skipped: no judge (give judge=PATH to an autoregressive diffuse "
+                                   "checkpoint, or judge=hf judge_model=…)")
+        spec = sampler_spec(settings, ckpt)
+        points, samples = sweep(ckpt.module, spec, step_list(settings, spec), ckpt.tokenizer, judge,
+                                int(settings.num_samples), int(settings.length), int(settings.batch_size), seed,
+                                track=track, announce=lambda m: result["notes"].append(m) or announce(m))
+        texts, tokens = real_snippets(dm.raw["validation"]["text"], ckpt.tokenizer,
+                                      int(settings.reference_samples), int(settings.length))
+        ref = reference(texts, tokens, judge) if texts else None
+        if ref is None:
+            result["notes"].append(f"no reference line: the held-out text has no {settings.length}-token piece")
+        for point in points:
+            point["degenerate"] = degenerate(point, ref)
+        result.update({"sweep": points, "quality": points[-1], "reference": ref,
+                       "samples": [{"text": t, "length": len(k)} for t, k in zip(samples.texts, samples.tokens)]})
+        if any(p["degenerate"] for p in points):
+            result["notes"].append("degenerate: some samples score better than real text at lower entropy "
+                                   "(repetitive, not better)")
+    return result
