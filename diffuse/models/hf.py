@@ -59,7 +59,7 @@ class HFCausalLM(nn.Module):
         self.vocab_size = self.model.get_output_embeddings().out_features
         self.mask_token_id = getattr(self.model.config, "mask_token_id", None)  # e.g. LLaDA checkpoints
         if gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if compile:
             self.decoder.compile(dynamic=True)  # in place: state-dict keys stay plain
 
