@@ -60,12 +60,13 @@ def train(cfg: DictConfig) -> dict:
     dm.accumulate = trainer.accumulate_grad_batches
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
+    fit_metrics = dict(trainer.callback_metrics)  # validate() below starts a fresh set: keep train/*
     if module.last_val_step != trainer.global_step:  # metrics.json reports the final weights
         trainer.validate(module, datamodule=dm, verbose=False)
     last = run_dir / "checkpoints" / "last.ckpt"
     trainer.save_checkpoint(str(last))  # the final state, whatever the checkpoint interval
 
-    metrics = dict(trainer.callback_metrics)
+    metrics = {**fit_metrics, **trainer.callback_metrics}
     speed = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
     if speed is not None:
         metrics["train/tokens_per_sec"] = speed.average
