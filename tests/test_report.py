@@ -61,12 +61,14 @@ def test_two_by_two_multirun_then_report(tmp_path):
     cmd = [sys.executable, "-m", "diffuse.train", "-m", "debug=default", "regularizer=cdlm_consistency",
            "regularizer.weight=0.3,1.0", "regularizer.delta_min=20,50", f"hydra.sweep.dir={sweep}",
            # as small as a run gets: byte tokenizer on a small file, two steps, no checkpoints or samples
-           "data=text", f"data.path={text}", "tokenizer=byte", "trainer.max_steps=2", "trainer.val_check_interval=2",
+           "data=text", f"data.path={text}", "tokenizer=byte", "trainer.max_steps=2",  # < val_check_interval: the final validation runs after fit
            "trainer.limit_val_batches=1", "num_samples=0", "callbacks.best_checkpoint=null",
            "callbacks.last_checkpoint=null", f"paths.cache_dir={tmp_path / 'cache'}"]
     done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert len(list(sweep.glob("*/metrics.json"))) == 4
+    finals = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
+    assert len(finals) == 4
+    assert all({"val/nelbo", "train/loss", "train/consistency_loss"} <= set(m) for m in finals)
 
     out = subprocess.run([sys.executable, "-m", "diffuse.report", str(sweep)], cwd=ROOT, env=ENV,
                          capture_output=True, text=True, timeout=120)
