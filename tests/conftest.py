@@ -15,14 +15,18 @@ from pathlib import Path
 
 # before anything imports datasets / transformers: tests never touch the network, and the
 # tokenizer/corpus cache is private to the session (a fresh machine must pass too)
+# One intra-op thread: the models here are tiny, and two threads on a busy 2-core machine run a
+# training step ~8x slower than one (they spin waiting for each other).
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
-           "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false"}
+           "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 os.environ.update(OFFLINE)
 os.environ["DIFFUSE_CACHE"] = tempfile.mkdtemp(prefix="diffuse-test-cache-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
+
+torch.set_num_threads(1)
 
 from diffuse.objectives.base import SpecialTokens  # noqa: E402
 
