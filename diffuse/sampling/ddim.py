@@ -42,8 +42,10 @@ class DDIMSampler(Sampler):
         table = objective.embedding_table(backbone)
         clean = table[ids]
         gens = row_generators(seed, len(prompts), device)
-        noise = torch.stack([torch.randn(clean.shape[1:], generator=g, device=device, dtype=clean.dtype) for g in gens])
-        x = torch.where(generated[..., None], self.temperature * noise, clean)
+        # x_T per row over the generated positions only: independent of the canvas width (batch = singles)
+        noise = torch.stack([torch.randn((length, clean.shape[-1]), generator=g, device=device, dtype=clean.dtype) for g in gens])
+        x = clean.clone()
+        x[generated] = self.temperature * noise.reshape(-1, clean.shape[-1])
         batch = {"input_ids": ids, "segment_ids": seg}
         T = objective.num_timesteps
         ks = self.grid(T, device)
