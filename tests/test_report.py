@@ -3,19 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import call_main, run_cli
 
 from diffuse.errors import DiffuseError
 from diffuse.report import collect_runs, report_sweep, swept_keys
-
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def fake_run(root: Path, name: str, overrides: list[str], metrics: dict | None):
@@ -54,24 +49,22 @@ def test_report_errors_are_one_line(tmp_path):
         report_sweep(tmp_path, "val/nope")
 
 
-def test_two_by_two_multirun_then_report(tmp_path):
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n\n".join(f"Line {i} of a tiny corpus, for a sweep that must only finish." for i in range(200)))
+def test_two_by_two_multirun_then_report(tmp_path, corpus):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "diffuse.train", "-m", "debug=default", "regularizer=cdlm_consistency",
-           "regularizer.weight=0.3,1.0", "regularizer.delta_min=20,50", f"hydra.sweep.dir={sweep}",
-           # as small as a run gets: byte tokenizer on a small file, two steps, no checkpoints or samples
-           "data=text", f"data.path={text}", "tokenizer=byte", "trainer.max_steps=2",  # < val_check_interval: the final validation runs after fit
-           "trainer.limit_val_batches=1", "num_samples=0", "callbacks.best_checkpoint=null",
-           "callbacks.last_checkpoint=null", f"paths.cache_dir={tmp_path / 'cache'}"]
-    done = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = call_main(
+        "diffuse.train", "-m", "debug=default", "regularizer=cdlm_consistency", "regularizer.weight=0.3,1.0",
+        "regularizer.delta_min=20,50", f"hydra.sweep.dir={sweep}",
+        # as small as a run gets: byte tokenizer on a small file, two steps, no checkpoints or samples
+        "data=text", f"data.path={corpus}", "tokenizer=byte", "num_samples=0",
+        "trainer.max_steps=2",  # < val_check_interval: the final validation runs after fit
+        "trainer.limit_val_batches=1", "callbacks.best_checkpoint=null", "callbacks.last_checkpoint=null",
+    )
+    assert done.returncode == 0, done
     finals = [json.loads(p.read_text()) for p in sorted(sweep.glob("*/metrics.json"))]
     assert len(finals) == 4
     assert all({"val/nelbo", "train/loss", "train/consistency_loss"} <= set(m) for m in finals)
 
-    out = subprocess.run([sys.executable, "-m", "diffuse.report", str(sweep)], cwd=ROOT, env=ENV,
-                         capture_output=True, text=True, timeout=120)
+    out = run_cli("diffuse.report", str(sweep), timeout=120)  # the real CLI, in its own interpreter
     assert out.returncode == 0, out.stderr[-2000:]
     rows = [line for line in out.stdout.splitlines() if line.startswith("│")]
     assert len(rows) == 4
