@@ -62,7 +62,7 @@ def bucket_gradient_norms(objective, backbone, batch, generator: torch.Generator
         u = torch.rand((x0.shape[0], 1), device=x0.device, generator=generator)
         t = t_lo + (t_hi - t_lo) * u
         probe = copy.copy(objective)  # the same objective with t drawn inside the bucket
-        probe.sample_t = lambda x0, generator=None, train=True, t=t: t
+        probe.sample_t = _fixed(t)
         with torch.enable_grad():
             loss = probe.loss(backbone, batch, generator, train=True).loss
             grads = torch.autograd.grad(loss, params, allow_unused=True)
@@ -70,6 +70,13 @@ def bucket_gradient_norms(objective, backbone, batch, generator: torch.Generator
         out[f"grad/norm_{name}"] = float(torch.as_tensor(sq).sqrt())
         out[f"grad/loss_{name}"] = float(loss.detach())
     return out
+
+
+def _fixed(t: torch.Tensor):
+    def sample_t(*args, **kwargs):  # whatever the objective's own signature (k_min, train, …)
+        return t
+
+    return sample_t
 
 
 class CorruptionGradientNorms(L.Callback):
