@@ -22,7 +22,9 @@ class SampleOutput:
 
 
 def row_generators(seed: int, n: int, device) -> list[torch.Generator]:
-    return [torch.Generator(device=device).manual_seed(seed * 7919 + i) for i in range(n)]
+    # row i of a batch drawn with `seed` is the single sample drawn with `seed + i`, so chunking a
+    # request into batches of any size (diffuse.sample passes seed + chunk start) gives the same samples
+    return [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
 
 
 def rand_rows(gens: list[torch.Generator], shape: tuple, device) -> torch.Tensor:

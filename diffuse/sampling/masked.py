@@ -37,24 +37,30 @@ class MaskedSampler(Sampler):
     def generate(self, backbone, objective, prompts, length, seed=0) -> SampleOutput:
         special = objective.special
         device = next(backbone.parameters()).device
-        z, seg, starts = masked_canvas(prompts, length, special, device)
+        canvas, seg, starts = masked_canvas(prompts, length, special, device)
+        # work in the frame of the generated span [B, length]: a row's random draws then do not
+        # depend on the other prompts' lengths, so a batch gives what its samples give alone
+        span = starts[:, None] + torch.arange(length, device=device)
+        x = take_generated(canvas, starts, length)
         gens = row_generators(seed, len(prompts), device)
         grid = self.schedule.grid(self.steps, self.eps, device)
         nfe, logp, reusable = 0, None, not getattr(backbone, "time_conditioned", False)
         for i in range(self.steps):
             t, s = grid[i], grid[i + 1]
-            masked = z == special.mask
+            masked = x == special.mask
             if not masked.any():
                 break
             if logp is None or not reusable:
+                z = canvas.scatter(1, span, x)
                 logp = objective.predict(backbone, z, t.float().expand(z.shape[0], 1), {"segment_ids": seg})
+                logp = logp.gather(1, span[..., None].expand(-1, -1, logp.shape[-1]))
                 nfe += 1
             proposal = sample_tokens(logp, self.temperature, gens)
             reveal = self.choose(masked, proposal, logp, t, s, gens, last=i == self.steps - 1)
             if reveal.any():
-                z = torch.where(reveal, proposal, z)
+                x = torch.where(reveal, proposal, x)
                 logp = None  # the input changed: the next step needs a fresh forward pass
-        tokens, lengths = trim_at_eos(take_generated(z, starts, length), special)
+        tokens, lengths = trim_at_eos(x, special)
         return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts])
 
     def choose(self, masked, proposal, logp, t, s, gens, last) -> torch.Tensor:
