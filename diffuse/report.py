@@ -5,6 +5,8 @@ final `metrics.json`; the swept parameters are the override keys whose values di
 a table (one row per run: swept values + final metrics), writes `report.md` and `<metric>.png` (the metric
 against each swept parameter, one line per setting of the others) into --out (default: the sweep dir).
 A run that has no metrics.json (failed or still running) is listed with empty metrics.
+`python -m diffuse.report --heatmap RUN [--out DIR]`: corruption-level × step heatmaps of one run
+trained with callbacks=analysis (diffuse/analysis/heatmap.py), written to heatmap.png.
 """
 
 from __future__ import annotations
@@ -163,7 +165,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("sweep_dir", type=Path, help="a multirun directory (e.g. experiments/runs/multirun/<date>/<time>)")
     parser.add_argument("--metric", default="val/nelbo", help="the metric to plot and put first (default: val/nelbo)")
     parser.add_argument("--out", type=Path, default=None, help="where report.md and the PNG go (default: the sweep dir)")
+    parser.add_argument("--heatmap", action="store_true", help="the directory is one run: draw its gradient-norm / "
+                        "accuracy heatmaps by corruption level (heatmap.png)")
     args = parser.parse_args(argv)
+    if args.heatmap:
+        from diffuse.analysis.heatmap import draw_heatmap
+
+        if args.out:
+            args.out.mkdir(parents=True, exist_ok=True)
+        print(f"wrote {draw_heatmap(args.sweep_dir, args.out / 'heatmap.png' if args.out else None)}")
+        return
     report_sweep(args.sweep_dir, args.metric, args.out)
 
 

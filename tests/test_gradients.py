@@ -86,6 +86,10 @@ def test_analysis_run_logs_bucket_norms_trains_identically_and_draws_a_heatmap(t
     assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
     heatmap_main([str(run)])
     assert (run / "heatmap.png").is_file()
+    from diffuse.report import main as report_main
+
+    report_main(["--heatmap", str(run), "--out", str(tmp_path / "report")])  # the same, through diffuse.report
+    assert (tmp_path / "report" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_heatmap_of_a_run_without_the_analysis_is_a_one_line_error(capsys):
