@@ -23,14 +23,25 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
+def read_checkpoint(ckpt_path: str, key: str, map_location="cpu") -> dict:
+    """torch.load, with a one-line error naming `key=path` when the file is missing or not a checkpoint."""
+    if not Path(ckpt_path).is_file():
+        raise DiffuseError(f"{key}={ckpt_path} does not exist")
+    try:
+        ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    except Exception as err:
+        raise DiffuseError(f"{key}={ckpt_path} is not a readable checkpoint ({type(err).__name__})") from None
+    if not isinstance(ckpt, dict):
+        raise DiffuseError(f"{key}={ckpt_path} is not a checkpoint")
+    return ckpt
+
+
 def load_run(ckpt_path: str, map_location="cpu"):
     """(config, tokenizer, DiffusionLM) rebuilt from one checkpoint file, weights loaded, eval mode."""
     from diffuse.build import build_module
     from diffuse.data.tokenizers import tokenizer_from_state
 
-    if not Path(ckpt_path).is_file():
-        raise DiffuseError(f"ckpt={ckpt_path} does not exist")
-    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    ckpt = read_checkpoint(ckpt_path, "ckpt", map_location)
     meta = ckpt.get("diffuse")
     if not meta or not meta.get("tokenizer"):
         raise DiffuseError(f"ckpt={ckpt_path} was not written by diffuse (no config/tokenizer inside)")
@@ -45,9 +56,7 @@ def load_run(ckpt_path: str, map_location="cpu"):
 def load_tokenizer(ckpt_path: str):
     from diffuse.data.tokenizers import tokenizer_from_state
 
-    if not Path(ckpt_path).is_file():
-        raise DiffuseError(f"ckpt_path={ckpt_path} does not exist")
-    meta = torch.load(ckpt_path, map_location="cpu", weights_only=False).get("diffuse") or {}
+    meta = read_checkpoint(ckpt_path, "ckpt_path").get("diffuse") or {}
     if not meta.get("tokenizer"):
         raise DiffuseError(f"ckpt_path={ckpt_path} was not written by diffuse (no tokenizer inside)")
     return tokenizer_from_state(meta["tokenizer"])
