@@ -183,3 +183,5 @@ def test_evaluate_cli_one_line_errors(tmp_path):
                         "judge_model=no-such-org/no-such-model", f"hydra.run.dir={tmp_path}", *QUICK)
     assert offline.returncode == 2 and error_lines(offline.stderr) == [
         line for line in offline.stderr.splitlines() if "judge_model='no-such-org/no-such-model'" in line]
+    bad_t = call_main("diffuse.evaluate", f"ckpt={ckpt('masked_discrete')}", "t_samples=0", f"hydra.run.dir={tmp_path}")
+    assert bad_t.returncode == 2 and error_lines(bad_t.stderr) == ["error: t_samples=0 must be an integer ≥ 1"]

@@ -79,14 +79,26 @@ def step_list(settings, spec: dict) -> list[int]:
     return sorted(set(steps))
 
 
+def check_settings(settings) -> None:
+    for key, low in (("t_samples", 1), ("num_samples", 0), ("length", 1), ("batch_size", 1), ("reference_samples", 0)):
+        value = settings.get(key)
+        if not isinstance(value, int) or value < low:
+            raise DiffuseError(f"{key}={value} must be an integer ≥ {low}")
+    limit = settings.get("limit_batches")
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise DiffuseError(f"limit_batches={limit} must be a positive integer (or null: every batch)")
+
+
 def evaluate_checkpoint(ckpt: Checkpoint, settings, data_cfg: dict, judge, cache_dir: str,
                         track=None, announce=print) -> dict:
     """Everything `diffuse.evaluate` reports for one checkpoint, as one JSON-able dict."""
+    check_settings(settings)
     seed = int(settings.seed if settings.get("seed") is not None else ckpt.cfg.get("seed", 0))
     result = {"ckpt": ckpt.path, "objective": ckpt.objective, "seed": seed, "data": data_cfg,
               "judge": getattr(judge, "name", None), "notes": []}
     dm = heldout(ckpt, data_cfg, seed, cache_dir)
-    result["data_description"] = dm.describe()
+    val = dm.splits["validation"]
+    result["data_description"] = f"{len(val)} held-out rows of {dm.seq_len} tokens, vocab {len(ckpt.tokenizer)}"
 
     if settings.get("likelihood", True):
         limit = settings.get("limit_batches")
