@@ -4,7 +4,7 @@ real held-out text of the same length as the reference line (DESIGN §5)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -18,7 +18,6 @@ class Samples:
     tokens: list[list[int]]  # generated ids, trimmed at EOS
     nfe: int  # forward passes per sample (batches run in parallel; the largest batch's count)
     seconds_per_sample: float
-    extra: dict = field(default_factory=dict)
 
 
 def generate(module, sampler, tokenizer, num_samples: int, length: int, batch_size: int, seed: int) -> Samples:
