@@ -138,3 +138,17 @@ def test_datamodule_batches_are_packed_rows(corpus, tmp_path):
                          seq_len=32, batch_size=4, cache_dir=str(tmp_path))
     dm2.setup("fit")
     assert torch.equal(next(iter(dm2.train_dataloader()))["input_ids"], ids)
+
+
+def test_text_that_spells_special_tokens_stays_text(tmp_path):
+    """A corpus quoting "[MASK]" must not put the mask id into x0 (its SUBS loss would be infinite)."""
+    path = tmp_path / "specials.txt"
+    path.write_text("\n\n".join(f"Paragraph {i} writes [MASK] and [EOS] and [PAD] literally." for i in range(40)))
+    dm = TextDataModule(source={"name": "text", "path": str(path)}, tokenizer={"name": "byte"},
+                        seq_len=32, batch_size=4, cache_dir=str(tmp_path))
+    tok = dm.load()
+    dm.setup("fit")
+    ids = torch.cat([row["input_ids"] for row in dm.splits["train"]])
+    assert not (ids == tok.mask_token_id).any()
+    docs = len(dm.raw["train"])
+    assert int((ids == tok.eos_token_id).sum()) == docs  # only the EOS the DataModule appends
