@@ -91,7 +91,8 @@ class TextDataModule(L.LightningDataModule):
 
         def encode(batch):
             if "prompt" not in batch:
-                docs = tok(batch["text"], add_special_tokens=False)["input_ids"]
+                # raw text that spells "[MASK]" or "[EOS]" stays text: only the DataModule adds special ids
+                docs = tok(batch["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
                 return arrange([bos + d + eos for d in docs], self.seq_len, tok.pad_token_id)
             # prompt/answer pairs (SFT): `text` starts with `prompt`; a per-token prompt_mask marks BOS + prompt
             heads = tok(batch["prompt"], add_special_tokens=False)["input_ids"]
