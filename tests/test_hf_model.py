@@ -76,6 +76,7 @@ def test_generic_size_keys_and_vocab_from_tokenizer():
     m = HFCausalLM(vocab_size=57, config=TINY, d_model=48, n_layers=1)
     cfg = m.model.config
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.vocab_size) == (48, 1, 57)
+    assert all(k.startswith("model.") for k in m.state_dict())  # each weight once, under its HF name
     assert m.time_conditioned is False and m.logits(m(ids=torch.zeros(1, 3, dtype=torch.long))).shape == (1, 3, 57)
 
 

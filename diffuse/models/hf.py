@@ -55,13 +55,17 @@ class HFCausalLM(nn.Module):
             cfg = _config_from_dict(config, vocab_size, {"d_model": d_model, "n_layers": n_layers})
             self.model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation,
                                                           dtype=torch_dtype)
-        self.decoder = self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
         self.vocab_size = self.model.get_output_embeddings().out_features
         self.mask_token_id = getattr(self.model.config, "mask_token_id", None)  # e.g. LLaDA checkpoints
         if gradient_checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if compile:
             self.decoder.compile(dynamic=True)  # in place: state-dict keys stay plain
+
+    @property
+    def decoder(self) -> nn.Module:
+        """The model without its LM head (a property, not a submodule: state-dict keys appear once)."""
+        return self.model.get_decoder() if hasattr(self.model, "get_decoder") else self.model.base_model
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
