@@ -76,3 +76,21 @@ def test_schedule_from_mapping_and_unknown_name():
     assert type(build_schedule({"name": "cosine"})) is type(build_schedule("cosine"))
     with pytest.raises(DiffuseError, match="linear"):
         build_schedule("nope")
+
+
+def _reveals(name: str, tokens: int = 64, steps: int = 8) -> list[int]:
+    s, left, out = build_schedule(name), tokens, []
+    grid = s.grid(steps, 1e-3)
+    for i in range(steps):
+        a_t, a_s = s.alpha(grid[i]), s.alpha(grid[i + 1])
+        k = left if i == steps - 1 else round(left * float(1 - (1 - a_s) / (1 - a_t)))
+        out.append(k)
+        left -= k
+    return out
+
+
+def test_step_schedules_front_load_as_documented():
+    assert _reveals("linear") == [8] * 8
+    cos, maskgit = _reveals("cosine"), _reveals("cosine_maskgit")
+    assert cos[0] > 8 > maskgit[0]  # MDLM cosine commits many tokens early; MaskGIT cosine few
+    assert cos == sorted(cos, reverse=True) and maskgit == sorted(maskgit)
