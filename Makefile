@@ -6,7 +6,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_M
 # Without CUDA, pin the local CPU wheel of torch so no nvidia-* package is ever pulled.
 CONSTRAINTS := $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "-c constraints-cpu.txt")
 
-.PHONY: install train test sample clean lint
+.PHONY: install train test clean
 
 install: $(VENV)/.installed
 
