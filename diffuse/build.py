@@ -12,7 +12,7 @@ from diffuse.objectives.base import SpecialTokens
 from diffuse.registry import MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS, load_all
 from diffuse.schedules import build_schedule
 
-DATAMODULE_KEYS = ("seq_len", "batch_size", "eval_batch_size", "pack", "add_bos", "add_eos", "num_workers")
+DATAMODULE_KEYS = ("seq_len", "batch_size", "eval_batch_size", "pack", "add_bos", "add_eos", "num_workers", "train_tokens")
 
 
 def as_dict(cfg) -> dict:

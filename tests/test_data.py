@@ -140,6 +140,21 @@ def test_datamodule_batches_are_packed_rows(corpus, tmp_path):
     assert torch.equal(next(iter(dm2.train_dataloader()))["input_ids"], ids)
 
 
+def test_train_tokens_keeps_a_prefix_of_the_train_rows_and_all_validation(corpus, tmp_path):
+    def module(**kw):
+        dm = TextDataModule(source={"name": "text", "path": str(corpus)}, tokenizer={"name": "byte"},
+                            seq_len=32, batch_size=2, cache_dir=str(tmp_path), **kw)
+        dm.setup("fit")
+        return dm
+
+    full, small = module(), module(train_tokens=100)
+    assert len(full.splits["train"]) > 3 and len(small.splits["train"]) == 3  # whole rows: 100 // 32
+    assert torch.equal(small.splits["train"][:]["input_ids"], full.splits["train"][:3]["input_ids"])
+    assert torch.equal(small.splits["validation"][:]["input_ids"], full.splits["validation"][:]["input_ids"])
+    with pytest.raises(Exception, match="data.train_tokens=8"):
+        module(train_tokens=8)
+
+
 def test_text_that_spells_special_tokens_stays_text(tmp_path):
     """A corpus quoting "[MASK]" must not put the mask id into x0 (its SUBS loss would be infinite)."""
     path = tmp_path / "specials.txt"

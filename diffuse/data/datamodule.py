@@ -49,6 +49,7 @@ class TextDataModule(L.LightningDataModule):
         add_bos: bool = True,
         add_eos: bool = True,
         num_workers: int = 0,
+        train_tokens: int | None = None,
         seed: int = 0,
         cache_dir: str = ".cache/diffuse",
     ):
@@ -63,6 +64,9 @@ class TextDataModule(L.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.pack, self.add_bos, self.add_eos = pack, add_bos, add_eos
         self.num_workers, self.seed, self.cache_dir = num_workers, seed, cache_dir
+        if train_tokens is not None and int(train_tokens) < self.seq_len:
+            raise DiffuseError(f"data.train_tokens={train_tokens} must be at least data.seq_len={self.seq_len}")
+        self.train_tokens = None if train_tokens is None else int(train_tokens)
         self.tokenizer = None
         self.raw = None
         self.splits: dict[str, Any] = {}
@@ -113,6 +117,9 @@ class TextDataModule(L.LightningDataModule):
             )
             if len(rows) == 0:
                 raise DiffuseError(f"data split '{split}' is empty after tokenization")
+            if split == "train" and self.train_tokens is not None:
+                # data-constrained studies: the first rows of the (shuffled) training split; held-out text is unchanged
+                rows = rows.select(range(min(len(rows), self.train_tokens // self.seq_len)))
             self.splits[split] = rows.with_format("torch")
 
     # -- loaders ----------------------------------------------------------------------------------
