@@ -12,7 +12,8 @@ import lightning as L
 
 
 class Throughput(L.Callback):
-    """Logs `train/tokens_per_sec` every `log_every_n_steps` (no per-step device sync); the run
+    """Logs `train/tokens_per_sec` and `train/epochs` (passes over the training split) every
+    `log_every_n_steps` (no per-step device sync); the run
     average, excluding the first step (compilation, warm-up), is kept for metrics.json."""
 
     def __init__(self):
@@ -39,8 +40,21 @@ class Throughput(L.Callback):
             now = time.perf_counter()
             rate = self.window_tokens / max(now - self.window_start, 1e-9)
             pl_module.log("train/tokens_per_sec", rate, on_step=True, on_epoch=False)
+            epochs = self._epochs(trainer, batch["input_ids"].shape[0])
+            if epochs is not None:
+                pl_module.log("train/epochs", epochs, on_step=True, on_epoch=False)
             self.window_start, self.window_tokens = now, 0
             self.average = self.run_tokens / max(now - self.run_start, 1e-9)
+
+    @staticmethod
+    def _epochs(trainer, rows_per_batch: int) -> float | None:
+        """Passes over the training split so far (our samplers are endless: Lightning's own epoch stays 0)."""
+        loader = trainer.train_dataloader
+        size = len(loader.dataset) if loader is not None and hasattr(loader.dataset, "__len__") else 0
+        if not size:
+            return None
+        seen = trainer.global_step * trainer.accumulate_grad_batches * rows_per_batch * trainer.world_size
+        return seen / size
 
     def on_train_end(self, trainer, pl_module):
         if self.run_start is not None and self.run_tokens:

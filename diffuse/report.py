@@ -7,6 +7,8 @@ against each swept parameter, one line per setting of the others) into --out (de
 A run that has no metrics.json (failed or still running) is listed with empty metrics.
 `python -m diffuse.report --heatmap RUN [--out DIR]`: corruption-level × step heatmaps of one run
 trained with callbacks=analysis (diffuse/analysis/heatmap.py), written to heatmap.png.
+`python -m diffuse.report --curves RUN … --metric val/bpt [--x epochs]`: learning curves of several runs on
+one plot (diffuse/analysis/curves.py).
 """
 
 from __future__ import annotations
@@ -162,12 +164,28 @@ def report_sweep(sweep_dir: Path, metric: str = "val/nelbo", out: Path | None = 
 @one_line_errors
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m diffuse.report", description=__doc__.splitlines()[0])
-    parser.add_argument("sweep_dir", type=Path, help="a multirun directory (e.g. experiments/runs/multirun/<date>/<time>)")
+    parser.add_argument("dirs", type=Path, nargs="+", metavar="DIR",
+                        help="a multirun directory (e.g. experiments/runs/multirun/<date>/<time>); with --curves, runs")
     parser.add_argument("--metric", default="val/nelbo", help="the metric to plot and put first (default: val/nelbo)")
     parser.add_argument("--out", type=Path, default=None, help="where report.md and the PNG go (default: the sweep dir)")
     parser.add_argument("--heatmap", action="store_true", help="the directory is one run: draw its gradient-norm / "
                         "accuracy heatmaps by corruption level (heatmap.png)")
+    parser.add_argument("--curves", action="store_true", help="the directories are runs: plot --metric over "
+                        "training, one line per run (curves_<metric>.png/.csv)")
+    parser.add_argument("--x", default="step", choices=("step", "epochs"), help="x axis of --curves")
+    parser.add_argument("--labels", default=None, help="comma-separated legend labels for --curves")
     args = parser.parse_args(argv)
+    if args.curves:
+        from diffuse.analysis.curves import draw_curves
+
+        labels = args.labels.split(",") if args.labels else None
+        if labels is not None and len(labels) != len(args.dirs):
+            raise DiffuseError(f"report: --labels has {len(labels)} names for {len(args.dirs)} runs")
+        draw_curves(args.dirs, args.metric, args.x, args.out, labels)
+        return
+    if len(args.dirs) != 1:
+        raise DiffuseError(f"report: give one directory (got {len(args.dirs)}); several runs need --curves")
+    args.sweep_dir = args.dirs[0]
     if args.heatmap:
         from diffuse.analysis.heatmap import draw_heatmap
 

@@ -72,3 +72,44 @@ def test_two_by_two_multirun_then_report(tmp_path, corpus):
     md = (sweep / "report.md").read_text()
     assert "| regularizer.delta_min | regularizer.weight | val/nelbo |" in md
     assert (sweep / "val_nelbo.png").is_file()
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    path.mkdir(parents=True)
+    keys = sorted({k for r in rows for k in r})
+    lines = [",".join(keys)] + [",".join(str(r.get(k, "")) for k in keys) for r in rows]
+    (path / "metrics.csv").write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_curves_put_runs_on_one_plot_against_epochs(tmp_path):
+    from diffuse.analysis.curves import draw_curves
+
+    a = write_csv(tmp_path / "a", [{"step": 10, "train/epochs": 2.0}, {"step": 10, "val/bpt": 5.0},
+                                   {"step": 20, "val/bpt": 4.0}])
+    b = write_csv(tmp_path / "b", [{"step": 5, "train/epochs": 0.5}, {"step": 20, "val/bpt": 6.0}])
+    series = draw_curves([a, b], "val/bpt", "epochs", tmp_path / "out")
+    assert series == {"a": [(10, 2.0, 5.0), (20, 4.0, 4.0)], "b": [(20, 2.0, 6.0)]}
+    assert (tmp_path / "out" / "curves_val_bpt.png").stat().st_size > 1000
+    assert "b,20,2.0000,6" in (tmp_path / "out" / "curves_val_bpt.csv").read_text()
+    with pytest.raises(DiffuseError, match="no column 'val/nope'"):
+        draw_curves([a], "val/nope")
+    c = write_csv(tmp_path / "c", [{"step": 5, "val/bpt": 6.0}])
+    with pytest.raises(DiffuseError, match="no train/epochs"):
+        draw_curves([c], "val/bpt", "epochs", tmp_path / "out")
+
+
+def test_a_data_constrained_run_logs_epochs_and_draws_curves(tmp_path, corpus):
+    from conftest import tiny_args
+
+    run = tmp_path / "run"
+    # 320 tokens = 10 rows of 32; batch 4 → 0.4 epochs per step
+    done = call_main("diffuse.train", *tiny_args(corpus, run, "data.train_tokens=320", "trainer.max_steps=5"))
+    assert done.returncode == 0, done
+    out = run_cli("diffuse.report", "--curves", str(run), str(run), "--labels", "x,y", "--metric", "val/bpt",
+                  "--x", "epochs", "--out", str(tmp_path / "out"), timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    text = (tmp_path / "out" / "curves_val_bpt.csv").read_text().splitlines()
+    assert text[1].startswith("x,4,2.0000,")  # validation after 5 steps (logged at step index 4) = 2 passes over 10 rows
+    bad = run_cli("diffuse.report", str(run), str(run), timeout=60)
+    assert bad.returncode != 0 and "several runs need --curves" in bad.stderr
