@@ -4,7 +4,9 @@ Reads every run under the directory (a run = a folder with `.hydra/overrides.yam
 final `metrics.json`; the swept parameters are the override keys whose values differ between runs. Prints
 a table (one row per run: swept values + final metrics), writes `report.md` and `<metric>.png` (the metric
 against each swept parameter, one line per setting of the others) into --out (default: the sweep dir).
-A run that has no metrics.json (failed or still running) is listed with empty metrics.
+A run that has no metrics.json (failed or still running) is listed with empty metrics. A run evaluated with
+`python -m diffuse.evaluate ckpt=<run>/checkpoints/last.ckpt steps=[…] hydra.run.dir=<run>/eval` also shows
+eval/gen_ppl@<steps> and eval/entropy@<steps> (usable as --metric).
 `python -m diffuse.report --heatmap RUN [--out DIR]`: corruption-level × step heatmaps of one run
 trained with callbacks=analysis (diffuse/analysis/heatmap.py), written to heatmap.png.
 `python -m diffuse.report --curves RUN … --metric val/bpt [--x epochs]`: learning curves of several runs on
@@ -50,10 +52,23 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
             overrides[key.lstrip("+~")] = value
         metrics_file = run_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+        metrics.update(eval_metrics(run_dir / "eval" / "eval.json"))
         runs.append(Run(run_dir, overrides, metrics))
     if not runs:
         raise DiffuseError(f"report: no runs (folders with .hydra/overrides.yaml) under {sweep_dir}")
     return runs
+
+
+def eval_metrics(path: Path) -> dict[str, float | None]:
+    """`diffuse.evaluate … hydra.run.dir=<run>/eval` results, flat: eval/gen_ppl@<steps>, eval/entropy@<steps>."""
+    if not path.is_file():
+        return {}
+    result = json.loads(path.read_text())
+    flat = {}
+    for point in result.get("sweep") or []:
+        for key in ("gen_ppl", "entropy"):
+            flat[f"eval/{key}@{point['steps']}"] = point.get(key)
+    return flat
 
 
 def swept_keys(runs: list[Run]) -> list[str]:
@@ -66,7 +81,8 @@ def metric_columns(runs: list[Run], metric: str) -> list[str]:
     present = {k for r in runs for k in r.metrics}
     if runs and present and metric not in present:
         raise DiffuseError(f"report: --metric {metric} is in no run's metrics.json; available: {', '.join(sorted(present))}")
-    return [metric] + [c for c in DEFAULT_COLUMNS if c != metric and c in present]
+    evaluated = sorted((k for k in present if k.startswith("eval/")), key=lambda k: (k.split("@")[0], _natural_key(k.split("@")[-1])))
+    return [metric] + [c for c in (*DEFAULT_COLUMNS, *evaluated) if c != metric and c in present]
 
 
 def rows(runs: list[Run], params: list[str], columns: list[str]) -> list[list[str]]:

@@ -39,6 +39,20 @@ def test_report_of_a_fake_sweep(tmp_path, capsys):
     assert "4 runs" in capsys.readouterr().out
 
 
+def test_report_reads_each_runs_evaluation(tmp_path):
+    for i, ppl in enumerate([30.0, 20.0]):
+        fake_run(tmp_path, str(i), [f"regularizer.weight={i}"], {"val/nelbo": 4.0})
+        (tmp_path / str(i) / "eval").mkdir()
+        sweep = [{"steps": 8, "gen_ppl": ppl, "entropy": 4.0}, {"steps": 64, "gen_ppl": ppl / 2, "entropy": 4.1}]
+        (tmp_path / str(i) / "eval" / "eval.json").write_text(json.dumps({"sweep": sweep}))
+    runs = report_sweep(tmp_path, "eval/gen_ppl@8", tmp_path / "out")
+    assert runs[1].metrics["eval/gen_ppl@64"] == 10.0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "| eval/gen_ppl@8 | val/nelbo | eval/entropy@8 | eval/entropy@64 | eval/gen_ppl@64 |" in md
+    assert "| 1 | 1 | 20 | 4 | 4 | 4.1 | 10 |" in md
+    assert (tmp_path / "out" / "eval_gen_ppl@8.png").is_file()
+
+
 def test_report_errors_are_one_line(tmp_path):
     with pytest.raises(DiffuseError, match="not a directory"):
         report_sweep(tmp_path / "missing")
