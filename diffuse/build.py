@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse.errors import DiffuseError
@@ -84,16 +83,8 @@ def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None):
     )
 
 
-def check_checkpoint_fits(module, ckpt_path: str) -> dict:
-    """Load a checkpoint's dict and make sure its weights fit `module`; one line names what differs."""
-    from pathlib import Path
-
-    if not Path(ckpt_path).is_file():
-        raise DiffuseError(f"ckpt_path={ckpt_path} does not exist")
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise DiffuseError(f"ckpt_path={ckpt_path} is not a readable checkpoint ({type(err).__name__})") from None
+def check_checkpoint_fits(module, ckpt: dict, ckpt_path: str) -> None:
+    """Make sure a checkpoint's weights fit `module`; one line names what differs."""
     mine = module.state_dict()
     theirs = ckpt.get("state_dict", {})
     missing = sorted(set(mine) - set(theirs))
@@ -105,4 +96,3 @@ def check_checkpoint_fits(module, ckpt_path: str) -> dict:
             f"checkpoint {ckpt_path} was written by another config ({len(missing)} missing, {len(extra)} unexpected, "
             f"{len(shapes)} reshaped tensors, e.g. {first}); use the config it was trained with"
         )
-    return ckpt

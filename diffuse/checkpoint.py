@@ -53,10 +53,11 @@ def load_run(ckpt_path: str, map_location="cpu"):
     return cfg, tokenizer, module
 
 
-def load_tokenizer(ckpt_path: str):
+def checkpoint_tokenizer(ckpt: dict, ckpt_path: str):
+    """The tokenizer a diffuse checkpoint (an already-read dict) was trained with."""
     from diffuse.data.tokenizers import tokenizer_from_state
 
-    meta = read_checkpoint(ckpt_path, "ckpt_path").get("diffuse") or {}
+    meta = ckpt.get("diffuse") or {}
     if not meta.get("tokenizer"):
         raise DiffuseError(f"ckpt_path={ckpt_path} was not written by diffuse (no tokenizer inside)")
     return tokenizer_from_state(meta["tokenizer"])

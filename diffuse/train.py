@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffuse.build import build_datamodule, build_module, check_checkpoint_fits
 from diffuse.callbacks import Throughput, write_metrics_json
-from diffuse.checkpoint import AtomicCheckpointIO
+from diffuse.checkpoint import AtomicCheckpointIO, checkpoint_tokenizer, read_checkpoint
 from diffuse.errors import one_line_errors
 from diffuse.paths import CONFIG_DIR
 
@@ -38,17 +38,17 @@ def train(cfg: DictConfig) -> dict:
     run_config = OmegaConf.to_container(cfg, resolve=True)
 
     ckpt_path = resume_path(cfg, run_dir)
-    ckpt_tokenizer = None
+    ckpt, ckpt_tokenizer = None, None
     if ckpt_path:  # keep the checkpoint's tokenizer: a resumed run must see the same vocabulary
-        from diffuse.checkpoint import load_tokenizer
-
-        ckpt_tokenizer = load_tokenizer(ckpt_path)
+        ckpt = read_checkpoint(ckpt_path, "ckpt_path")
+        ckpt_tokenizer = checkpoint_tokenizer(ckpt, ckpt_path)
 
     dm = build_datamodule(cfg, seed=cfg.seed, cache_dir=cfg.paths.cache_dir)
     tokenizer = dm.load(ckpt_tokenizer)
     module = build_module(cfg, tokenizer, run_config=run_config)
     if ckpt_path:
-        check_checkpoint_fits(module, ckpt_path)
+        check_checkpoint_fits(module, ckpt, ckpt_path)
+        del ckpt  # Lightning reads the file again to restore optimizer, loops and callbacks
     dm.setup("fit")
     n_params = sum(p.numel() for p in module.backbone.parameters())
     log.info("data: %s; model: %.2fM parameters; run dir: %s", dm.describe(), n_params / 1e6, run_dir)
