@@ -12,6 +12,7 @@ import csv
 import math
 from pathlib import Path
 
+from diffuse.analysis import metrics_csv
 from diffuse.errors import DiffuseError
 
 
@@ -52,9 +53,7 @@ def draw_curves(run_dirs: list[str | Path], metric: str = "val/bpt", x: str = "s
     labels = labels or [_label(r) for r in runs]
     series: dict[str, list[tuple]] = {}
     for run, label in zip(runs, labels):
-        csv_path = run / "metrics.csv" if run.is_dir() else run
-        if not csv_path.is_file():
-            raise DiffuseError(f"curves: {csv_path} does not exist (give run directories holding metrics.csv)")
+        csv_path = metrics_csv(run, "curves")
         steps, values, to_epochs = read_curve(csv_path, metric)
         if x == "epochs" and to_epochs is None:
             raise DiffuseError(f"curves: {csv_path} has no train/epochs column (logged by the Throughput callback)")

@@ -11,6 +11,7 @@ import csv
 import math
 from pathlib import Path
 
+from diffuse.analysis import metrics_csv
 from diffuse.errors import DiffuseError, one_line_errors
 from diffuse.metrics import BUCKETS
 
@@ -32,10 +33,7 @@ def read_series(csv_path: Path, prefix: str) -> tuple[list[int], list[list[float
 
 
 def draw_heatmap(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    run_dir = Path(run_dir)
-    csv_path = run_dir / "metrics.csv" if run_dir.is_dir() else run_dir
-    if not csv_path.is_file():
-        raise DiffuseError(f"heatmap: {csv_path} does not exist (give a run directory holding metrics.csv)")
+    csv_path = metrics_csv(run_dir, "heatmap")
     panels = [(title, log, *read_series(csv_path, prefix)) for prefix, title, log in PANELS]
     panels = [p for p in panels if p[2]]
     if not any(title.startswith("gradient") for title, *_ in panels):
