@@ -7,12 +7,7 @@
 #   bash experiments/cdlm_speedup/run.sh            # the CPU study committed here
 #   SIZE=gpu bash experiments/cdlm_speedup/run.sh   # the bigger config for one GPU
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-[ -f .venv/bin/activate ] && source .venv/bin/activate
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-DATA=${DATA:-$(realpath ../shared/data/tinyshakespeare/input.txt)}
-OUT=${OUT:-experiments/runs/cdlm_speedup}
-HERE=experiments/cdlm_speedup
+source "$(dirname "$0")/../common.sh"
 
 if [ "${SIZE:-cpu}" = gpu ]; then
   SHAPE=(data.seq_len=256 data.batch_size=64 trainer=gpu trainer.max_steps=20000 trainer.val_check_interval=1000)

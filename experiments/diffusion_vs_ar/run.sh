@@ -5,12 +5,7 @@
 #   bash experiments/diffusion_vs_ar/run.sh            # the CPU study committed here
 #   SIZE=gpu bash experiments/diffusion_vs_ar/run.sh   # the bigger config for one GPU
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-[ -f .venv/bin/activate ] && source .venv/bin/activate
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-DATA=${DATA:-$(realpath ../shared/data/tinyshakespeare/input.txt)}
-OUT=${OUT:-experiments/runs/diffusion_vs_ar}
-HERE=experiments/diffusion_vs_ar
+source "$(dirname "$0")/../common.sh"
 
 if [ "${SIZE:-cpu}" = gpu ]; then
   # the ≈7M-parameter TDLM backbone, BPE 8192, a 512k-token slice repeated ~100 times

@@ -8,13 +8,8 @@
 #   bash experiments/lambda_delta_sweep/run.sh            # the CPU study committed here
 #   SIZE=gpu bash experiments/lambda_delta_sweep/run.sh   # the bigger config for one GPU (runs one at a time)
 set -euo pipefail
-cd "$(dirname "$0")/../.."
-[ -f .venv/bin/activate ] && source .venv/bin/activate
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-DATA=${DATA:-$(realpath ../shared/data/tinyshakespeare/input.txt)}
-OUT=${OUT:-experiments/runs/lambda_delta_sweep}
+source "$(dirname "$0")/../common.sh"
 JUDGE=${JUDGE:-experiments/runs/cdlm_speedup/judge_ar/checkpoints/last.ckpt}
-HERE=experiments/lambda_delta_sweep
 [ -f "$JUDGE" ] || { echo "no judge at $JUDGE: run experiments/cdlm_speedup/run.sh first (or JUDGE=…)" >&2; exit 1; }
 
 if [ "${SIZE:-cpu}" = gpu ]; then
