@@ -4,7 +4,9 @@ Reads every run under the directory (a run = a folder with `.hydra/overrides.yam
 final `metrics.json`; the swept parameters are the override keys whose values differ between runs. Prints
 a table (one row per run: swept values + final metrics), writes `report.md` and `<metric>.png` (the metric
 against each swept parameter, one line per setting of the others) into --out (default: the sweep dir).
-A run that has no metrics.json (failed or still running) is listed with empty metrics. A run evaluated with
+A run that has no metrics.json (failed or still running) is listed with empty metrics. Runs are found at any
+depth, so a folder holding a sweep and its baseline gives one table (runs named by their path in it);
+`--no-plot` writes the table alone. A run evaluated with
 `python -m diffuse.evaluate ckpt=<run>/checkpoints/last.ckpt steps=[…] hydra.run.dir=<run>/eval` also shows
 eval/gen_ppl@<steps> and eval/entropy@<steps> (usable as --metric).
 `python -m diffuse.report --heatmap RUN [--out DIR]`: corruption-level × step heatmaps of one run
@@ -34,18 +36,19 @@ class Run:
     path: Path
     overrides: dict[str, str]
     metrics: dict[str, float | None] = field(default_factory=dict)
-
-    @property
-    def name(self) -> str:
-        return self.path.name
+    name: str = ""  # the run's folder relative to the directory reported on: `3`, or `baseline/0`
 
 
 def collect_runs(sweep_dir: Path) -> list[Run]:
     if not sweep_dir.is_dir():
         raise DiffuseError(f"report: {sweep_dir} is not a directory")
+    found = {ov.parent.parent: ov for ov in sweep_dir.rglob(".hydra/overrides.yaml")}
+    # `diffuse.evaluate … hydra.run.dir=<run>/eval` leaves a .hydra/ inside the run: part of it, not a run
+    tops = [d for d in found if not any(p in found for p in d.parents)]
     runs = []
-    for ov in sorted(sweep_dir.rglob(".hydra/overrides.yaml"), key=lambda p: _natural_key(p.parent.parent.name)):
-        run_dir = ov.parent.parent
+    names = {d: d.relative_to(sweep_dir).as_posix() for d in tops}
+    for run_dir in sorted(tops, key=lambda d: [_natural_key(part) for part in names[d].split("/")]):
+        ov = found[run_dir]
         overrides = {}
         for item in yaml.safe_load(ov.read_text()) or []:
             key, _, value = str(item).partition("=")
@@ -53,7 +56,7 @@ def collect_runs(sweep_dir: Path) -> list[Run]:
         metrics_file = run_dir / "metrics.json"
         metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
         metrics.update(eval_metrics(run_dir / "eval" / "eval.json"))
-        runs.append(Run(run_dir, overrides, metrics))
+        runs.append(Run(run_dir, overrides, metrics, names[run_dir]))
     if not runs:
         raise DiffuseError(f"report: no runs (folders with .hydra/overrides.yaml) under {sweep_dir}")
     return runs
@@ -162,7 +165,7 @@ def plot_metric(path: Path, runs: list[Run], params: list[str], metric: str) -> 
     return True
 
 
-def report_sweep(sweep_dir: Path, metric: str = "val/nelbo", out: Path | None = None) -> list[Run]:
+def report_sweep(sweep_dir: Path, metric: str = "val/nelbo", out: Path | None = None, plot: bool = True) -> list[Run]:
     runs = collect_runs(sweep_dir)
     params = swept_keys(runs)
     columns = metric_columns(runs, metric)
@@ -170,10 +173,11 @@ def report_sweep(sweep_dir: Path, metric: str = "val/nelbo", out: Path | None = 
     out.mkdir(parents=True, exist_ok=True)
     title = f"{sweep_dir} — {len(runs)} runs"
     png = out / (metric.replace("/", "_") + ".png")
-    plotted = plot_metric(png, runs, params, metric)
+    plotted = plot and plot_metric(png, runs, params, metric)
     print_table(runs, params, columns, title)
     write_markdown(out / "report.md", runs, params, columns, title, png.name if plotted else None)
-    print(f"wrote {out / 'report.md'}" + (f" and {png}" if plotted else f" (no run has a finite {metric} to plot)"))
+    why_not = f" (no run has a finite {metric} to plot)" if plot else ""
+    print(f"wrote {out / 'report.md'}" + (f" and {png}" if plotted else why_not))
     return runs
 
 
@@ -184,6 +188,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="a multirun directory (e.g. experiments/runs/multirun/<date>/<time>); with --curves, runs")
     parser.add_argument("--metric", default="val/nelbo", help="the metric to plot and put first (default: val/nelbo)")
     parser.add_argument("--out", type=Path, default=None, help="where report.md and the PNG go (default: the sweep dir)")
+    parser.add_argument("--no-plot", dest="plot", action="store_false", help="the table only (e.g. a baseline beside "
+                        "a sweep, whose plot against the swept values would mix unrelated runs)")
     parser.add_argument("--heatmap", action="store_true", help="the directory is one run: draw its gradient-norm / "
                         "accuracy heatmaps by corruption level (heatmap.png)")
     parser.add_argument("--curves", action="store_true", help="the directories are runs: plot --metric over "
@@ -209,7 +215,7 @@ def main(argv: list[str] | None = None) -> None:
             args.out.mkdir(parents=True, exist_ok=True)
         print(f"wrote {draw_heatmap(args.sweep_dir, args.out / 'heatmap.png' if args.out else None)}")
         return
-    report_sweep(args.sweep_dir, args.metric, args.out)
+    report_sweep(args.sweep_dir, args.metric, args.out, args.plot)
 
 
 # -- helpers ----------------------------------------------------------------------------------------

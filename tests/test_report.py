@@ -42,15 +42,28 @@ def test_report_of_a_fake_sweep(tmp_path, capsys):
 def test_report_reads_each_runs_evaluation(tmp_path):
     for i, ppl in enumerate([30.0, 20.0]):
         fake_run(tmp_path, str(i), [f"regularizer.weight={i}"], {"val/nelbo": 4.0})
-        (tmp_path / str(i) / "eval").mkdir()
+        fake_run(tmp_path / str(i), "eval", [f"ckpt={tmp_path}/{i}/checkpoints/last.ckpt", "steps=[8,64]"], None)
         sweep = [{"steps": 8, "gen_ppl": ppl, "entropy": 4.0}, {"steps": 64, "gen_ppl": ppl / 2, "entropy": 4.1}]
         (tmp_path / str(i) / "eval" / "eval.json").write_text(json.dumps({"sweep": sweep}))
     runs = report_sweep(tmp_path, "eval/gen_ppl@8", tmp_path / "out")
+    assert [r.name for r in runs] == ["0", "1"]  # each run's eval/.hydra is part of the run, not a run
     assert runs[1].metrics["eval/gen_ppl@64"] == 10.0
     md = (tmp_path / "out" / "report.md").read_text()
     assert "| eval/gen_ppl@8 | val/nelbo | eval/entropy@8 | eval/entropy@64 | eval/gen_ppl@64 |" in md
     assert "| 1 | 1 | 20 | 4 | 4 | 4.1 | 10 |" in md
     assert (tmp_path / "out" / "eval_gen_ppl@8.png").is_file()
+
+
+def test_report_over_several_sweeps_names_runs_by_their_path(tmp_path):
+    fake_run(tmp_path / "baseline", "0", ["regularizer=none"], {"val/nelbo": 4.0})
+    for i in range(2):
+        fake_run(tmp_path / "sweep", str(i), ["regularizer=cdlm_consistency", f"regularizer.weight={i}"], {"val/nelbo": 5.0})
+    runs = collect_runs(tmp_path)
+    assert [r.name for r in runs] == ["baseline/0", "sweep/0", "sweep/1"]
+    assert swept_keys(runs) == ["regularizer", "regularizer.weight"]
+    report_sweep(tmp_path, "val/nelbo", tmp_path / "out", plot=False)
+    assert "| baseline/0 | none |" in (tmp_path / "out" / "report.md").read_text()
+    assert not list((tmp_path / "out").glob("*.png"))
 
 
 def test_report_errors_are_one_line(tmp_path):
