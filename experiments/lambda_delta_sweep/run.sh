@@ -3,7 +3,7 @@
 # A 3 × 2 Hydra multirun over regularizer.weight × regularizer.delta_min (δ ~ U{delta_min..200} of T=1000)
 # on the masked-diffusion transformer of cdlm_speedup, one λ=0 baseline beside it, each checkpoint
 # evaluated at 8 and 64 sampling steps under cdlm_speedup's AR judge; diffuse.report's table and plots.
-# CPU: ~20 min on 2 cores (two runs at a time through the joblib launcher, one thread each).
+# CPU: ~26 min on 2 cores (two runs at a time through the joblib launcher, one thread each).
 # Needs experiments/cdlm_speedup/run.sh to have trained its judge (experiments/runs/cdlm_speedup/judge_ar).
 #   bash experiments/lambda_delta_sweep/run.sh            # the CPU study committed here
 #   SIZE=gpu bash experiments/lambda_delta_sweep/run.sh   # the bigger config for one GPU (runs one at a time)
@@ -43,7 +43,9 @@ for ((i = 0; i < ${#runs[@]}; i += 2)); do
   evaluate "${runs[i]}" & { [ -n "${runs[i+1]:-}" ] && evaluate "${runs[i+1]}"; }; wait
 done
 
+# one table with the baseline beside the sweep; plots against λ and δ from the sweep alone
 mkdir -p "$HERE/results"
-python -m diffuse.report "$OUT/sweep" --metric val/bpt --out "$HERE/results"
-python -m diffuse.report "$OUT/sweep" --metric eval/gen_ppl@8 --out "$HERE/results/few_steps"
-python -m diffuse.report "$OUT/baseline" --metric val/bpt --out "$HERE/results/baseline"
+python -m diffuse.report "$OUT" --metric eval/gen_ppl@8 --no-plot --out "$HERE/results/table"
+for metric in val/bpt eval/gen_ppl@8 eval/gen_ppl@64; do
+  python -m diffuse.report "$OUT/sweep" --metric "$metric" --out "$HERE/results/sweep"
+done
