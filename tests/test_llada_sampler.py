@@ -78,7 +78,36 @@ def test_batch_of_prompts_of_different_lengths_equals_singles(objective, sampler
         alone = sampler.generate(model, objective, [prompt], 6, seed=3 + r)
         assert batch.tokens[r].tolist() == alone.tokens[0].tolist()
         assert batch.lengths[r] == alone.lengths[0]
+        assert batch.nfe_per_row()[r] == alone.nfe
     assert batch.prompts == PROMPTS
+
+
+class Sharpened(nn.Module):
+    """A backbone whose logits are scaled up: confidences spread out, so threshold decoding commits a
+    different number of tokens per row and the rows of a batch finish at different steps."""
+
+    def __init__(self, inner, scale: float):
+        super().__init__()
+        self.inner, self.scale, self.time_conditioned = inner, scale, False
+
+    def forward(self, ids=None, **kw):
+        return self.inner(ids=ids, **kw)
+
+    def logits(self, hidden):
+        return self.inner.logits(hidden) * self.scale
+
+
+@pytest.mark.parametrize("block_length", [None, 4])
+def test_threshold_rows_that_finish_early_match_their_single_samples(objective, block_length):
+    """A row done with its block waits for the batch: it must not use up random draws (it would decode
+    its next block differently from the same sample alone), and its cost is its own passes, not the batch's."""
+    model = Sharpened(tiny_transformer(), 30.0)
+    sampler = ThresholdSampler(threshold=0.3, steps=12, block_length=block_length, temperature=1.0)
+    batch = sampler.generate(model, objective, PROMPTS, 12, seed=3)
+    alone = [sampler.generate(model, objective, [p], 12, seed=3 + r) for r, p in enumerate(PROMPTS)]
+    assert [batch.tokens[r].tolist() for r in range(3)] == [a.tokens[0].tolist() for a in alone]
+    assert batch.row_nfe.tolist() == [a.nfe for a in alone]
+    assert len(set(batch.row_nfe.tolist())) > 1 and batch.nfe == max(batch.row_nfe.tolist())  # rows did differ
 
 
 def peaked_logits(width: int, token: int, p: float) -> torch.Tensor:

@@ -49,6 +49,7 @@ class ARSampler(Sampler):
         gens = row_generators(seed, len(prompts), device)
         cache = backbone.new_cache() if hasattr(backbone, "new_cache") else None
         out, done, nfe = [], torch.zeros(len(heads), dtype=torch.bool, device=device), 0
+        row_nfe = torch.zeros(len(heads), dtype=torch.long, device=device)
         step_ids, step_seg = ids, seg
         for _ in range(length):
             if cache is None:  # no cache: re-run the whole prefix
@@ -56,6 +57,7 @@ class ARSampler(Sampler):
                 step_seg = torch.cat([seg] + [torch.ones_like(o[:, None]) for o in out], 1)
             hidden = backbone(ids=step_ids, segment_ids=step_seg, causal=True, **({"cache": cache} if cache is not None else {}))
             nfe += 1
+            row_nfe += ~done  # alone, a row stops at its own EOS
             logits = backbone.logits(hidden[:, -1:]).float()
             logits[..., special.mask] = float("-inf")
             nxt = sample_tokens(self.filter(logits.log_softmax(-1)), self.temperature, gens)[:, 0]
@@ -69,4 +71,4 @@ class ARSampler(Sampler):
         if tokens.shape[1] < length:
             tokens = torch.cat([tokens, tokens.new_full((tokens.shape[0], length - tokens.shape[1]), special.pad)], 1)
         tokens, lengths = trim_at_eos(tokens, special)
-        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts])
+        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], row_nfe)

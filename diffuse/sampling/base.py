@@ -19,6 +19,31 @@ class SampleOutput:
     lengths: torch.Tensor  # [B] tokens before the first EOS
     nfe: int  # forward passes of the network for the whole batch
     prompts: list[list[int]]
+    # [B] the passes each row costs alone (a batch runs as long as its slowest row: threshold decoding,
+    # EOS); None: every row cost `nfe`
+    row_nfe: torch.Tensor | None = None
+
+    def nfe_per_row(self) -> torch.Tensor:
+        return self.row_nfe if self.row_nfe is not None else torch.full((len(self.prompts),), self.nfe)
+
+
+class RowCost:
+    """The forward passes each row of a batch would cost alone. Alone, a row stops once nothing is left to
+    decode and, where logits can be reused, runs the network only after its own input changed; in a batch
+    it rides along on every pass, so the batch's NFE is that of its slowest row."""
+
+    def __init__(self, n: int, reusable: bool, device):
+        self.per_row = torch.zeros(n, dtype=torch.long, device=device)
+        self.stale = torch.ones(n, dtype=torch.bool, device=device)  # input changed since the row's last pass
+        self.reusable = reusable
+
+    def forward(self, active: torch.Tensor, passes: int = 1) -> None:
+        """One network call of `passes` forward passes; `active`: [B] rows that still decode."""
+        self.per_row += passes * (active & self.stale if self.reusable else active)
+        self.stale &= ~active  # a waiting row's input is not its own pass: alone, it would not have run
+
+    def changed(self, rows: torch.Tensor) -> None:
+        self.stale |= rows
 
 
 def row_generators(seed: int, n: int, device) -> list[torch.Generator]:
@@ -36,10 +61,17 @@ def gumbel_rows(gens, shape, device) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
-def sample_tokens(logp: torch.Tensor, temperature: float, gens) -> torch.Tensor:
-    """Draw from softmax(logp / T) with the Gumbel-max trick (T = 0: argmax)."""
+def sample_tokens(logp: torch.Tensor, temperature: float, gens, active: torch.Tensor | None = None) -> torch.Tensor:
+    """Draw from softmax(logp / T) with the Gumbel-max trick (T = 0: argmax). Only `active` rows draw
+    (the others get the argmax): a row waiting for the rest of its batch must not use up its random
+    stream, or it would continue differently from the same sample drawn alone."""
     if temperature <= 0:
         return logp.argmax(-1)
+    if active is not None and not active.all():
+        out, rows = logp.argmax(-1), active.nonzero().squeeze(1)
+        if len(rows):
+            out[rows] = sample_tokens(logp[rows], temperature, [gens[r] for r in rows.tolist()])
+        return out
     g = gumbel_rows(gens, logp.shape[1:], logp.device)
     return (logp / temperature + g).argmax(-1)
 

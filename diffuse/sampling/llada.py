@@ -22,7 +22,7 @@ import torch
 
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
-from diffuse.sampling.base import SampleOutput, masked_canvas, row_generators, sample_tokens, trim_at_eos
+from diffuse.sampling.base import RowCost, SampleOutput, masked_canvas, row_generators, sample_tokens, trim_at_eos
 from diffuse.sampling.masked import RemaskSampler, top_k_rows
 
 
@@ -58,7 +58,7 @@ class LLaDASampler(RemaskSampler):
         in_prompt = (torch.arange(canvas.shape[1], device=device) < starts[:, None]) & (canvas != special.bos)
         gens = row_generators(seed, len(prompts), device)
         reusable = not getattr(backbone, "time_conditioned", False)
-        nfe, logp = 0, None
+        nfe, logp, row_cost = 0, None, RowCost(len(prompts), reusable, device)
 
         def predict(x, t):
             """Log-probs [B, length, V] for the generated span, and the forward passes it cost."""
@@ -83,13 +83,15 @@ class LLaDASampler(RemaskSampler):
                 if logp is None or not reusable:
                     logp, cost = predict(x, grid[i].float().expand(len(prompts), 1))
                     nfe += cost
-                proposal = sample_tokens(logp, self.temperature, gens)
+                    row_cost.forward(masked.any(1), cost)
+                proposal = sample_tokens(logp, self.temperature, gens, active=masked.any(1))
                 reveal = self.choose(masked, proposal, logp, grid[i], grid[i + 1], gens, last=i == steps - 1) & masked
                 if reveal.any():
                     x = torch.where(reveal, proposal, x)
                     logp = None  # the input changed: the next step needs a fresh forward pass
+                    row_cost.changed(reveal.any(1))
         tokens, lengths = trim_at_eos(x, special)
-        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts])
+        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], row_cost.per_row)
 
 
 def take_span(values: torch.Tensor, span: torch.Tensor) -> torch.Tensor:

@@ -14,6 +14,7 @@ import torch
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
 from diffuse.sampling.base import (
+    RowCost,
     Sampler,
     SampleOutput,
     masked_canvas,
@@ -45,6 +46,7 @@ class MaskedSampler(Sampler):
         gens = row_generators(seed, len(prompts), device)
         grid = self.schedule.grid(self.steps, self.eps, device)
         nfe, logp, reusable = 0, None, not getattr(backbone, "time_conditioned", False)
+        cost = RowCost(len(prompts), reusable, device)
         for i in range(self.steps):
             t, s = grid[i], grid[i + 1]
             masked = x == special.mask
@@ -55,13 +57,15 @@ class MaskedSampler(Sampler):
                 logp = objective.predict(backbone, z, t.float().expand(z.shape[0], 1), {"segment_ids": seg})
                 logp = logp.gather(1, span[..., None].expand(-1, -1, logp.shape[-1]))
                 nfe += 1
+                cost.forward(masked.any(1))
             proposal = sample_tokens(logp, self.temperature, gens)
             reveal = self.choose(masked, proposal, logp, t, s, gens, last=i == self.steps - 1)
             if reveal.any():
                 x = torch.where(reveal, proposal, x)
                 logp = None  # the input changed: the next step needs a fresh forward pass
+                cost.changed(reveal.any(1))
         tokens, lengths = trim_at_eos(x, special)
-        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts])
+        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], cost.per_row)
 
     def choose(self, masked, proposal, logp, t, s, gens, last) -> torch.Tensor:
         raise NotImplementedError
