@@ -60,12 +60,14 @@ def sample(cfg: DictConfig) -> list[dict]:
         tic = time.perf_counter()
         out = module.generate(chunk, cfg.length, seed=cfg.seed + start, sampler=sampler)
         seconds = (time.perf_counter() - tic) / len(chunk)
+        alone = out.nfe_per_row().tolist()
         for i, (row, n) in enumerate(zip(out.tokens.tolist(), out.lengths.tolist())):
             prompt_text = tokenizer.decode(chunk[i], skip_special_tokens=True)
             text = tokenizer.decode(row[:n], skip_special_tokens=True)
-            records.append({"index": start + i, "prompt": prompt_text, "text": text, "length": n,
-                            "nfe": out.nfe, "seconds": seconds, "sampler": sampler.registry_name})
-            print(f"--- sample {start + i} ({n} tokens, {out.nfe} forward passes) ---\n{prompt_text}{text}")
+            records.append({"index": start + i, "prompt": prompt_text, "text": text, "length": n, "nfe": out.nfe,
+                            "nfe_alone": alone[i], "seconds": seconds, "sampler": sampler.registry_name})
+            batch = f", {out.nfe} for its batch" if alone[i] != out.nfe else ""
+            print(f"--- sample {start + i} ({n} tokens, {alone[i]} forward passes{batch}) ---\n{prompt_text}{text}")
     with open(out_dir / "samples.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")

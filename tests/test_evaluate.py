@@ -14,10 +14,11 @@ from conftest import call_main, error_lines
 from diffuse.errors import DiffuseError
 from diffuse.evaluation.judges import DiffuseJudge, HFJudge, perplexity
 from diffuse.evaluation.likelihood import evaluate_likelihood
-from diffuse.evaluation.quality import degenerate, real_snippets
+from diffuse.evaluation.quality import degenerate, generate, real_snippets
 from diffuse.evaluation.runner import eval_data_config, heldout, load_checkpoint
 from diffuse.evaluation.text_stats import distinct_n, diversity, unigram_entropy
 from diffuse.registry import OBJECTIVES, load_all
+from diffuse.sampling.base import SampleOutput
 from evaluation_runs import ckpt, corpus, tiny_run
 
 load_all()
@@ -64,6 +65,24 @@ def real_and_shuffled(tokenizer, n: int = 12, length: int = 24):
         rng.shuffle(p)
         shuffled.append(tokenizer.decode(p, skip_special_tokens=True))
     return texts, shuffled
+
+
+def test_samples_report_the_cost_of_a_sample_alone_beside_the_batch_nfe():
+    class Batches(torch.nn.Module):  # row r of every batch finishes after r + 1 passes; the batch after 10
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def generate(self, prompts, length, seed=0, sampler=None):
+            n = len(prompts)
+            return SampleOutput(torch.full((n, length), 7), torch.full((n,), length), 10, prompts, torch.arange(n) + 1)
+
+    class Tokenizer:
+        def decode(self, ids, skip_special_tokens=True):
+            return " ".join(map(str, ids))
+
+    samples = generate(Batches(), None, Tokenizer(), num_samples=5, length=4, batch_size=3, seed=0)
+    assert samples.nfe == 10 and samples.nfe_per_sample == pytest.approx((1 + 2 + 3 + 1 + 2) / 5)
 
 
 def test_the_datas_own_ar_model_scores_real_text_better_than_shuffled_tokens():

@@ -68,15 +68,17 @@ def render_markdown(c: dict) -> str:
               f"The bar is A's gen-PPL at its reference step count × (1 + tolerance), tolerance = {s['tolerance']}. "
               "Each model's cost is the fewest steps at which it clears the bar, so A compared with itself gives 1; "
               "a \"win\" at lower entropy is repetition, not quality.", "",
-              "## Steps vs quality", "", "| model | steps | NFE | gen-PPL | entropy | distinct-2 | s / sample |",
-              "|---|---|---|---|---|---|---|"]
+              "## Steps vs quality", "", "NFE: passes of the batch; alone: the mean passes of a sample decoded by itself "
+              "(below NFE for adaptive samplers, whose batch waits for its slowest row).", "",
+              "| model | steps | NFE | alone | gen-PPL | entropy | distinct-2 | s / sample |",
+              "|---|---|---|---|---|---|---|---|"]
     for name, r in (("A", a), ("B", b)):
         for p in r.get("sweep", []):
-            lines.append(f"| {name} | {p['steps']} | {p['nfe']} | {num(p['gen_ppl'])} | {p['entropy']:.3f} | "
+            lines.append(f"| {name} | {p['steps']} | {p['nfe']} | {p.get('nfe_per_sample', p['nfe']):.1f} | {num(p['gen_ppl'])} | {p['entropy']:.3f} | "
                          f"{p['distinct_2']:.3f} | {p['seconds_per_sample']:.4f} |")
     ref = a.get("reference")
     if ref:
-        lines.append(f"| real text | | | {num(ref.get('judge_ppl'))} | {ref['entropy']:.3f} | {ref['distinct_2']:.3f} | |")
+        lines.append(f"| real text | | | | {num(ref.get('judge_ppl'))} | {ref['entropy']:.3f} | {ref['distinct_2']:.3f} | |")
     lines += ["", "![steps vs quality](comparison.png)"]
     lines += ["", *[f"- note: {n}" for n in c.get("notes", [])]] if c.get("notes") else []
     return "\n".join(lines) + "\n"

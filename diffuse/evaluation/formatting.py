@@ -46,14 +46,14 @@ def format_likelihood(lk: dict) -> list[str]:
 
 
 def format_points(points: list[dict], ref: dict | None) -> list[str]:
-    head = f"  {'steps':>6} {'NFE':>5} {'gen-PPL':>9} {'entropy':>8} {'dist-1':>7} {'dist-2':>7} {'dist-3':>7} {'s/sample':>9}"
+    head = f"  {'steps':>6} {'NFE':>5} {'alone':>6} {'gen-PPL':>9} {'entropy':>8} {'dist-1':>7} {'dist-2':>7} {'dist-3':>7} {'s/sample':>9}"
     lines = [head]
     for p in points:
         flag = "  ← degenerate" if p.get("degenerate") else ""
-        lines.append(f"  {p['steps']:>6} {p['nfe']:>5} {num(p['gen_ppl']):>9} {p['entropy']:>8.3f} {p['distinct_1']:>7.3f} "
+        lines.append(f"  {p['steps']:>6} {p['nfe']:>5} {p.get('nfe_per_sample', p['nfe']):>6.1f} {num(p['gen_ppl']):>9} {p['entropy']:>8.3f} {p['distinct_1']:>7.3f} "
                      f"{p['distinct_2']:>7.3f} {p['distinct_3']:>7.3f} {p['seconds_per_sample']:>9.4f}{flag}")
     if ref:
-        lines.append(f"  {'real':>6} {'':>5} {num(ref.get('judge_ppl')):>9} {ref['entropy']:>8.3f} {ref['distinct_1']:>7.3f} "
+        lines.append(f"  {'real':>6} {'':>5} {'':>6} {num(ref.get('judge_ppl')):>9} {ref['entropy']:>8.3f} {ref['distinct_1']:>7.3f} "
                      f"{ref['distinct_2']:>7.3f} {ref['distinct_3']:>7.3f}   (judge on {ref['snippets']} pieces of held-out text"
                      + (f", {num(ref.get('judge_bpt'))} bits/token)" if ref.get("judge_bpt") is not None else ")"))
     return lines

@@ -18,11 +18,12 @@ class Samples:
     tokens: list[list[int]]  # generated ids, trimmed at EOS
     nfe: int  # forward passes per sample (batches run in parallel; the largest batch's count)
     seconds_per_sample: float
+    nfe_per_sample: float = 0.0  # mean passes a sample costs alone (adaptive samplers: below `nfe`)
 
 
 def generate(module, sampler, tokenizer, num_samples: int, length: int, batch_size: int, seed: int) -> Samples:
     """Unconditional samples; wall time measured per batch and divided by its size."""
-    texts, tokens, nfe, seconds = [], [], 0, 0.0
+    texts, tokens, nfe, seconds, row_nfe = [], [], 0, 0.0, []
     sync = torch.cuda.synchronize if next(module.parameters()).is_cuda else (lambda: None)
     for start in range(0, num_samples, batch_size):
         n = min(batch_size, num_samples - start)
@@ -32,10 +33,11 @@ def generate(module, sampler, tokenizer, num_samples: int, length: int, batch_si
         sync()
         seconds += time.perf_counter() - tic
         nfe = max(nfe, out.nfe)
+        row_nfe += out.nfe_per_row().tolist()
         for row, k in zip(out.tokens.tolist(), out.lengths.tolist()):
             tokens.append(row[:k])
             texts.append(tokenizer.decode(row[:k], skip_special_tokens=True))
-    return Samples(texts, tokens, nfe, seconds / max(num_samples, 1))
+    return Samples(texts, tokens, nfe, seconds / max(num_samples, 1), sum(row_nfe) / max(len(row_nfe), 1))
 
 
 def quality(samples: Samples, judge=None) -> dict:
@@ -46,7 +48,8 @@ def quality(samples: Samples, judge=None) -> dict:
         out = {"gen_ppl": scored["ppl"], "gen_bpt": scored["bpt"]}
     out.update(diversity(samples.tokens))
     out["mean_length"] = sum(map(len, samples.tokens)) / max(len(samples.tokens), 1)
-    out.update({"nfe": samples.nfe, "seconds_per_sample": samples.seconds_per_sample})
+    out.update({"nfe": samples.nfe, "nfe_per_sample": samples.nfe_per_sample,
+                "seconds_per_sample": samples.seconds_per_sample})
     return out
 
 
