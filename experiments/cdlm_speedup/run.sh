@@ -85,14 +85,15 @@ done
 python - "$OUT/threshold" "${TAUS[@]}" > "$HERE/results/threshold.md" <<'PY'
 import json, sys
 root, taus = sys.argv[1], sys.argv[2:]
-print("| τ | model | NFE (batch of 16) | gen-PPL | entropy (bits) | distinct-2 | s / sample |\n|---|---|---|---|---|---|---|")
+print("| τ | model | NFE (batch of 16) | NFE alone (mean) | gen-PPL | entropy (bits) | distinct-2 | s / sample |\n"
+      "|---|---|---|---|---|---|---|---|")
 for tau in taus:
     for run, label in (("masked", "baseline"), ("masked_cdlm", "+ CDLM")):
         r = json.load(open(f"{root}/{run}_{tau}/eval.json"))
         q = r["quality"]
-        print(f"| {tau} | {label} | {q['nfe']} | {q['gen_ppl']:.2f} | {q['entropy']:.3f} | {q['distinct_2']:.3f} | "
+        print(f"| {tau} | {label} | {q['nfe']} | {q['nfe_per_sample']:.1f} | {q['gen_ppl']:.2f} | {q['entropy']:.3f} | {q['distinct_2']:.3f} | "
               f"{q['seconds_per_sample']:.4f} |")
 ref = r["reference"]
-print(f"| | real text | | {ref['judge_ppl']:.2f} | {ref['entropy']:.3f} | {ref['distinct_2']:.3f} | |")
+print(f"| | real text | | | {ref['judge_ppl']:.2f} | {ref['entropy']:.3f} | {ref['distinct_2']:.3f} | |")
 PY
 cat "$HERE/results/threshold.md"
