@@ -18,7 +18,7 @@ class Samples:
     tokens: list[list[int]]  # generated ids, trimmed at EOS
     nfe: int  # forward passes per sample (batches run in parallel; the largest batch's count)
     seconds_per_sample: float
-    nfe_per_sample: float = 0.0  # mean passes a sample costs alone (adaptive samplers: below `nfe`)
+    nfe_per_sample: float  # mean passes a sample costs alone (adaptive samplers: below `nfe`)
 
 
 def generate(module, sampler, tokenizer, num_samples: int, length: int, batch_size: int, seed: int) -> Samples:

@@ -78,13 +78,14 @@ class LLaDASampler(RemaskSampler):
             grid = self.schedule.grid(steps, self.eps, device)
             for i in range(steps):
                 masked = (x == special.mask) & in_block
-                if not masked.any():
+                active = masked.any(1)  # rows still decoding this block; the others wait for the batch
+                if not active.any():
                     break
                 if logp is None or not reusable:
                     logp, cost = predict(x, grid[i].float().expand(len(prompts), 1))
                     nfe += cost
-                    row_cost.forward(masked.any(1), cost)
-                proposal = sample_tokens(logp, self.temperature, gens, active=masked.any(1))
+                    row_cost.forward(active, cost)
+                proposal = sample_tokens(logp, self.temperature, gens, active=active)
                 reveal = self.choose(masked, proposal, logp, grid[i], grid[i + 1], gens, last=i == steps - 1) & masked
                 if reveal.any():
                     x = torch.where(reveal, proposal, x)
