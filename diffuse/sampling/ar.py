@@ -8,21 +8,22 @@ from __future__ import annotations
 
 import torch
 
+from diffuse.contracts import AUTOREGRESSIVE
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
-from diffuse.sampling.base import Sampler, SampleOutput, row_generators, sample_tokens, trim_at_eos
+from diffuse.sampling.base import SampleOutput, row_generators, sample_tokens, trim_at_eos
 
 
 @SAMPLERS.register("ar")
-class ARSampler(Sampler):
-    needs_causal = True
+class ARSampler:
+    """One forward pass per token (no `steps`, no step schedule); defaults as conf/sampler/ar.yaml."""
 
-    def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 steps: int | None = None, schedule: str | None = None):
+    processes = (AUTOREGRESSIVE,)
+
+    def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise DiffuseError(f"sampler.top_p={top_p} must lie in (0, 1]")
         self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
-        # steps/schedule are accepted for a uniform CLI; AR always takes one step per token
 
     def filter(self, logp: torch.Tensor) -> torch.Tensor:
         if self.top_k:

@@ -1,4 +1,5 @@
-"""What samplers share: the output record, per-row random streams, the prompt canvas, EOS trimming.
+"""What samplers share: the output record, per-row costs and random streams, the prompt canvas, EOS
+trimming. The sampler contract itself is `diffuse.contracts.Sampler` (`processes` and `generate`).
 
 Every sampler returns tokens and the number of forward passes (NFE). Randomness is drawn row by row
 from one generator per sample, so a batch gives exactly what the same samples give one at a time.
@@ -52,8 +53,15 @@ def row_generators(seed: int, n: int, device) -> list[torch.Generator]:
     return [torch.Generator(device=device).manual_seed(seed + i) for i in range(n)]
 
 
-def rand_rows(gens: list[torch.Generator], shape: tuple, device) -> torch.Tensor:
-    return torch.stack([torch.rand(shape, generator=g, device=device) for g in gens])
+def rand_rows(gens: list[torch.Generator], shape: tuple, device, active: torch.Tensor | None = None) -> torch.Tensor:
+    """U(0, 1) draws of `shape` per row, from the row's own generator; rows not `active` draw nothing
+    (they get 1.0), so a row waiting for its batch keeps its random stream as it would alone."""
+    if active is None:
+        return torch.stack([torch.rand(shape, generator=g, device=device) for g in gens])
+    out = torch.ones((len(gens), *shape), device=device)
+    for r in active.nonzero().squeeze(1).tolist():
+        out[r] = torch.rand(shape, generator=gens[r], device=device)
+    return out
 
 
 def gumbel_rows(gens, shape, device) -> torch.Tensor:
@@ -105,13 +113,3 @@ def trim_at_eos(tokens: torch.Tensor, special) -> tuple[torch.Tensor, torch.Tens
     lengths = (~after).sum(1)
     return tokens.masked_fill(after, special.pad), lengths
 
-
-class Sampler:
-    """Base: `steps`, step `schedule` name, `temperature`; subclasses implement `generate`."""
-
-    needs_causal = False  # True for samplers of autoregressive models
-    sample_space = "tokens"  # what the reverse process moves through: tokens, or embeddings (ddim)
-
-    @classmethod
-    def compatible(cls, objective) -> bool:
-        return objective.causal == cls.needs_causal and getattr(objective, "sample_space", "tokens") == cls.sample_space

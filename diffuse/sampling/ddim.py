@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import torch
 
+from diffuse.contracts import GAUSSIAN
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
-from diffuse.sampling.base import Sampler, SampleOutput, masked_canvas, row_generators, take_generated, trim_at_eos
+from diffuse.sampling.base import SampleOutput, masked_canvas, row_generators, take_generated, trim_at_eos
 
 
 @SAMPLERS.register("ddim")
-class DDIMSampler(Sampler):
-    sample_space = "embeddings"
+class DDIMSampler:
+    """Defaults as conf/sampler/ddim.yaml."""
+
+    processes = (GAUSSIAN,)
 
     def __init__(self, steps: int = 10, clamp: bool = False, temperature: float = 1.0):
         if int(steps) <= 0:
