@@ -5,8 +5,12 @@ masked_discrete).
 - `llada`: the generated span is cut into blocks of `block_length` (null: one block), decoded left to
   right; `steps` are split across blocks as evenly as possible, earlier blocks first, and only the
   current block's masks are eligible. Each step commits the k most confident sampled tokens
-  (`low_confidence`: the *least* confident stay masked) or k random ones (`random`), with the remask
-  rule on the block's own time grid t_0 = 1 > … > t_N = ε: k = round(n_masked·(1 − (1−α(s))/(1−α(t)))).
+  (`low_confidence`: the *least* confident stay masked) or k random ones (`random`), where
+  - schedule=linear (the default): a block of n masks in N steps commits ⌊n/N⌋ tokens per step and one
+    more on its first n mod N steps, as LLaDA's reference `get_num_transfer_tokens` (10 in 4 steps:
+    3, 3, 2, 2; 12 in 5: 3, 3, 2, 2, 2);
+  - any other schedule: the remask rule on the block's own time grid t_0 = 1 > … > t_N = ε,
+    k = round(n_masked·(1 − (1−α(s))/(1−α(t)))) (cosine_maskgit few early, cosine many early).
   Optional classifier-free guidance `cfg_scale` w: unconditional = the prompt masked, log-probs
   u + (w+1)(c − u), two passes per step.
 - `threshold`: commit every eligible masked token whose confidence ≥ `threshold`, at least the most
@@ -20,8 +24,8 @@ from __future__ import annotations
 
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
-from diffuse.sampling.absorbing import AbsorbingSampler, CommitTopK, one_per_step, schedule_share
-from diffuse.schedules import build_schedule
+from diffuse.sampling.absorbing import AbsorbingSampler, CommitTopK, even_share, one_per_step, schedule_share
+from diffuse.schedules import LinearSchedule, build_schedule
 
 
 @SAMPLERS.register("llada")
@@ -30,7 +34,8 @@ class LLaDASampler(AbsorbingSampler):
                  temperature: float = 1.0, remasking: str = "low_confidence", cfg_scale: float = 0.0,
                  eps: float = 1e-3):
         schedule = build_schedule(schedule)
-        super().__init__(CommitTopK(schedule_share(schedule), remasking), steps=steps, schedule=schedule, temperature=temperature,
+        count = even_share if isinstance(schedule, LinearSchedule) else schedule_share(schedule)
+        super().__init__(CommitTopK(count, remasking), steps=steps, schedule=schedule, temperature=temperature,
                          eps=eps, block_length=block_length, cfg_scale=cfg_scale)
 
 
