@@ -2,15 +2,29 @@
 
 A config names its component (`name: llada`) plus keyword arguments; `build` looks the name up and
 calls the class. Unknown names and unknown keywords fail at start with what would have been valid.
+
+This module is a leaf: it imports no family. The first lookup in any registry asks
+`diffuse.discovery` to import every built-in component module and every installed plugin once
+(see there); registering never triggers discovery, so a component module may import this freely.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from diffuse.errors import DiffuseError
+
+_discovered = False
+
+
+def _discover_once() -> None:
+    global _discovered
+    if not _discovered:
+        _discovered = True  # before walking: a module that looks something up while loading must not recurse
+        importlib.import_module("diffuse.discovery").discover()
 
 
 class Registry:
@@ -29,9 +43,11 @@ class Registry:
         return decorator
 
     def names(self) -> list[str]:
+        _discover_once()
         return sorted(self._entries)
 
     def get(self, name: str) -> Callable[..., Any]:
+        _discover_once()
         if name not in self._entries:
             raise DiffuseError(
                 f"unknown {self.family} '{name}'; registered: {', '.join(self.names())}"
@@ -57,6 +73,7 @@ class Registry:
         return cls(**kwargs)
 
     def __contains__(self, name: str) -> bool:
+        _discover_once()
         return name in self._entries
 
 
@@ -68,12 +85,3 @@ SAMPLERS = Registry("sampler")
 TOKENIZERS = Registry("tokenizer")
 DATASETS = Registry("data")
 
-
-def load_all() -> None:
-    """Import every built-in component so its @register decorator runs."""
-    import diffuse.data  # noqa: F401
-    import diffuse.models  # noqa: F401
-    import diffuse.objectives  # noqa: F401
-    import diffuse.regularizers  # noqa: F401
-    import diffuse.sampling  # noqa: F401
-    import diffuse.schedules  # noqa: F401

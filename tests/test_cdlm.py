@@ -9,11 +9,10 @@ from torch import nn
 
 from diffuse.errors import DiffuseError
 from diffuse.objectives.base import SpecialTokens
-from diffuse.registry import MODELS, OBJECTIVES, REGULARIZERS, load_all
+from diffuse.registry import MODELS, OBJECTIVES, REGULARIZERS
 from diffuse.regularizers.cdlm_consistency import CDLMConsistency
 from diffuse.schedules import build_schedule
 
-load_all()
 SPECIAL = SpecialTokens(pad=0, bos=1, eos=2, mask=3)
 V, D = 30, 16
 

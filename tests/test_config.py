@@ -19,7 +19,7 @@ from omegaconf import OmegaConf, open_dict
 from conftest import run_cli
 from diffuse.build import DATAMODULE_KEYS
 from diffuse.paths import CONFIG_DIR
-from diffuse.registry import DATASETS, MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS, SCHEDULES, TOKENIZERS, load_all
+from diffuse.registry import DATASETS, MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS, SCHEDULES, TOKENIZERS
 
 CONF = Path(CONFIG_DIR)
 REQUIRED = {("tokenizer", "hf"): ["tokenizer.path=/path/to/tokenizer"]}
@@ -66,7 +66,6 @@ def test_every_group_option_composes(group, option):
     name = spec.pop("name")
     if group == "regularizer" and name == "none":
         return
-    load_all()
     cls = registry.get(name)  # the yaml names a registered component
     if group == "data":
         spec = {k: v for k, v in spec.items() if k not in DATAMODULE_KEYS}

@@ -12,11 +12,10 @@ from torch import nn
 from diffuse.errors import DiffuseError
 from diffuse.objectives.base import SpecialTokens
 from diffuse.objectives.continuous import ContinuousEmbedding
-from diffuse.registry import MODELS, load_all
+from diffuse.registry import MODELS
 from diffuse.sampling.ddim import DDIMSampler
 from diffuse.schedules import build_schedule
 
-load_all()
 SPECIAL = SpecialTokens(pad=0, bos=1, eos=2, mask=3)
 V, D = 40, 64
 

@@ -17,11 +17,10 @@ from diffuse.evaluation.likelihood import evaluate_likelihood
 from diffuse.evaluation.quality import degenerate, generate, real_snippets
 from diffuse.evaluation.runner import eval_data_config, heldout, load_checkpoint
 from diffuse.evaluation.text_stats import distinct_n, diversity, unigram_entropy
-from diffuse.registry import OBJECTIVES, load_all
+from diffuse.registry import OBJECTIVES
 from diffuse.sampling.base import SampleOutput
 from evaluation_runs import ckpt, corpus, tiny_run
 
-load_all()
 EVALUABLE = [o for o in ("masked_discrete", "autoregressive", "llada", "continuous") if o in OBJECTIVES]
 QUICK = ("num_samples=2", "length=8", "limit_batches=1", "t_samples=2", "reference_samples=4", "progress=false")
 

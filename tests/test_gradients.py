@@ -14,11 +14,10 @@ from conftest import SPECIAL, VOCAB, error_lines, tiny_transformer
 from diffuse.analysis.gradients import _fixed, bucket_gradient_norms, bucket_t_ranges, supports, t_for_level
 from diffuse.analysis.heatmap import main as heatmap_main
 from diffuse.metrics import BUCKETS
-from diffuse.registry import OBJECTIVES, load_all
+from diffuse.registry import OBJECTIVES
 from diffuse.schedules import build_schedule
 from evaluation_runs import BASE, train, tiny_run
 
-load_all()
 
 
 def objective(name="masked_discrete", schedule="linear", **kw):

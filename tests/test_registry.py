@@ -4,9 +4,8 @@ import pytest
 
 from conftest import call_main, error_lines, tiny_args
 from diffuse.errors import DiffuseError
-from diffuse.registry import DATASETS, MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS, SCHEDULES, TOKENIZERS, Registry, load_all
+from diffuse.registry import DATASETS, MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS, SCHEDULES, TOKENIZERS, Registry
 
-load_all()
 FAMILIES = [MODELS, OBJECTIVES, REGULARIZERS, SCHEDULES, SAMPLERS, TOKENIZERS, DATASETS]
 
 

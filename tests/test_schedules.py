@@ -6,10 +6,9 @@ import math
 import pytest
 import torch
 
-from diffuse.registry import SCHEDULES, load_all
+from diffuse.registry import SCHEDULES
 from diffuse.schedules import build_schedule
 
-load_all()
 NAMES = SCHEDULES.names()
 T = torch.linspace(0.0, 1.0, 1001, dtype=torch.float64)
 INNER = T[1:-1]

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import SPECIAL, VOCAB, call_main, tiny_args
-from diffuse.registry import MODELS, OBJECTIVES, load_all
+from diffuse.registry import MODELS, OBJECTIVES
 from diffuse.schedules import build_schedule
 
 FINAL_KEYS = ("val/nelbo", "val/bpt", "train/loss", "train/tokens_per_sec")
@@ -73,7 +73,6 @@ def test_resume_gives_the_same_losses_as_an_uninterrupted_run(corpus, tmp_path):
 def test_tiny_model_overfits_one_batch(objective):
     """64 wide, 2 layers, one fixed batch; the masked objective sees the same t and mask each step
     (a fixed noise generator), so its loss at that t must collapse like the AR one."""
-    load_all()
     torch.manual_seed(0)
     ids = torch.randint(0, 36, (4, 32), generator=torch.Generator().manual_seed(1))
     ids[:, 0] = SPECIAL.bos

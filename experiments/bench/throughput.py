@@ -15,7 +15,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from diffuse.registry import MODELS, load_all
+from diffuse.registry import MODELS
 
 
 def synchronize(device: torch.device) -> None:
@@ -61,7 +61,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    load_all()
     device = torch.device(args.device)
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"device {device}{threads}; d_model {args.d_model}, n_layers {args.n_layers}, batch {args.batch}, "

@@ -1,0 +1,71 @@
+"""Where components come from: the one place that imports the families.
+
+Built-ins: every module of the family packages below is imported, so a new component is one module
+(with its `@REGISTRY.register("name")`) plus one yaml in its config group; no import list to edit.
+Plugins: every installed distribution may declare entry points in the group `diffuse.plugins`; each
+names a module that is imported the same way. If that module is a package holding a `conf/` folder,
+the folder joins Hydra's config search path (hydra_plugins/diffuse_searchpath), so the plugin's
+yamls are selectable like built-in ones (`objective=<plugin's name>`). Nothing in diffuse is edited.
+
+    # a plugin's pyproject.toml
+    [project.entry-points."diffuse.plugins"]
+    my_plugin = "my_plugin"          # my_plugin/__init__.py registers; my_plugin/conf/objective/x.yaml
+
+The registries call `discover()` on their first lookup (diffuse/registry.py); it runs once.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import pkgutil
+from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
+
+from diffuse.errors import DiffuseError
+
+log = logging.getLogger("diffuse")
+
+PLUGIN_GROUP = "diffuse.plugins"
+# the families' homes: packages are walked module by module; schedules is a single module
+FAMILY_PACKAGES = ("diffuse.models", "diffuse.objectives", "diffuse.regularizers", "diffuse.sampling",
+                   "diffuse.schedules", "diffuse.data")
+
+
+def family_modules() -> list[str]:
+    """Every module of the family packages, in a stable order."""
+    names = []
+    for package in FAMILY_PACKAGES:
+        spec = importlib.util.find_spec(package)
+        names.append(package)
+        if spec is not None and spec.submodule_search_locations:
+            names += sorted(m.name for m in pkgutil.walk_packages(spec.submodule_search_locations, package + "."))
+    return names
+
+
+def plugin_entry_points() -> list[EntryPoint]:
+    return sorted(entry_points(group=PLUGIN_GROUP), key=lambda ep: ep.name)
+
+
+def plugin_config_dirs() -> list[Path]:
+    """The `conf/` folders of installed plugin packages (found without importing them)."""
+    dirs = []
+    for ep in plugin_entry_points():
+        spec = importlib.util.find_spec(ep.module)
+        for location in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(location) / "conf").is_dir():
+                dirs.append(Path(location) / "conf")
+    return dirs
+
+
+def discover() -> None:
+    for name in family_modules():
+        importlib.import_module(name)
+    for ep in plugin_entry_points():
+        try:
+            ep.load()
+        except Exception as err:  # a broken plugin is named, not a traceback from deep inside importlib
+            raise DiffuseError(f"plugin '{ep.name}' ({ep.value}, entry point group {PLUGIN_GROUP}) failed to "
+                               f"import: {type(err).__name__}: {err}") from err
+        log.debug("loaded plugin %s (%s)", ep.name, ep.value)
