@@ -5,7 +5,8 @@ Built-ins: every module of the family packages below is imported, so a new compo
 Plugins: every installed distribution may declare entry points in the group `diffuse.plugins`; each
 names a module that is imported the same way. If that module is a package holding a `conf/` folder,
 the folder joins Hydra's config search path (hydra_plugins/diffuse_searchpath), so the plugin's
-yamls are selectable like built-in ones (`objective=<plugin's name>`). Nothing in diffuse is edited.
+yamls are selectable like built-in ones (`objective=<plugin's name>`; PluginConfigs below, registered
+with Hydra by diffuse/paths.py, which every entry point imports). Nothing in diffuse is edited.
 
     # a plugin's pyproject.toml
     [project.entry-points."diffuse.plugins"]
@@ -22,6 +23,9 @@ import logging
 import pkgutil
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
+
+from hydra.core.config_search_path import ConfigSearchPath
+from hydra.plugins.search_path_plugin import SearchPathPlugin
 
 from diffuse.errors import DiffuseError
 
@@ -57,6 +61,14 @@ def plugin_config_dirs() -> list[Path]:
             if (Path(location) / "conf").is_dir():
                 dirs.append(Path(location) / "conf")
     return dirs
+
+
+class PluginConfigs(SearchPathPlugin):
+    """Hydra search-path plugin: each installed plugin's `conf/` after diffuse's own configs."""
+
+    def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+        for folder in plugin_config_dirs():
+            search_path.append(provider=f"diffuse-plugin:{folder.parent.name}", path=f"file://{folder}")
 
 
 def discover() -> None:
