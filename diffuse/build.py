@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from diffuse.contracts import Backbone, Objective, Regularizer, Sampler, check_contract
 from diffuse.errors import DiffuseError
 from diffuse.objectives.base import SpecialTokens
-from diffuse.registry import MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS, load_all
+from diffuse.registry import MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS
 from diffuse.schedules import build_schedule
+
+log = logging.getLogger("diffuse")
 
 DATAMODULE_KEYS = ("seq_len", "batch_size", "eval_batch_size", "pack", "add_bos", "add_eos", "num_workers", "train_tokens")
 
@@ -22,7 +26,6 @@ def as_dict(cfg) -> dict:
 
 def build_datamodule(cfg, seed: int, cache_dir: str):
     """`data.*` keys of the DataModule go to it; the rest (name, path, …) describe the text source."""
-    load_all()
     from diffuse.data import TextDataModule
 
     data = as_dict(cfg.data)
@@ -31,44 +34,68 @@ def build_datamodule(cfg, seed: int, cache_dir: str):
 
 
 def build_model(cfg, tokenizer):
-    load_all()
     spec = as_dict(cfg.model)
     vocab = len(tokenizer)
     declared = spec.pop("vocab_size", None)
     if declared is not None and int(declared) != vocab:
         raise DiffuseError(f"model.vocab_size={declared} does not match the tokenizer's vocabulary of {vocab}")
-    return MODELS.build(spec, vocab_size=vocab)
+    model = MODELS.build(spec, vocab_size=vocab)
+    check_contract(model, Backbone, f"model={spec.get('name')}")
+    return model
 
 
 def build_objective(cfg, tokenizer):
-    load_all()
     special = SpecialTokens.from_tokenizer(tokenizer)
-    return OBJECTIVES.build(as_dict(cfg.objective), schedule=build_schedule(as_dict(cfg.schedule)), special=special)
+    spec = as_dict(cfg.objective)
+    objective = OBJECTIVES.build(spec, schedule=build_schedule(as_dict(cfg.schedule)), special=special)
+    check_contract(objective, Objective, f"objective={spec.get('name')}")
+    return objective
+
+
+def regularizer_specs(cfg) -> list[dict]:
+    """The `regularizer` group (one, or `none`) followed by the `regularizers` list (any number)."""
+    specs = [as_dict(cfg.get("regularizer"))] + [as_dict(s) for s in (cfg.get("regularizers") or [])]
+    return [s for s in specs if s and s.get("name") not in (None, "none")]
 
 
 def build_regularizers(cfg) -> list:
-    load_all()
-    spec = as_dict(cfg.get("regularizer"))
-    return [] if not spec or spec.get("name") in (None, "none") else [REGULARIZERS.build(spec)]
+    regularizers = [REGULARIZERS.build(spec) for spec in regularizer_specs(cfg)]
+    for spec, reg in zip(regularizer_specs(cfg), regularizers):
+        check_contract(reg, Regularizer, f"regularizer={spec['name']}")
+    return regularizers
 
 
-def build_sampler(spec: dict | None, objective, announce=print):
-    """The configured sampler when it fits the objective, else the objective's own default."""
-    load_all()
+def sampler_fits(sampler_cls, objective) -> bool:
+    return objective.process in sampler_cls.processes
+
+
+def build_sampler(spec: dict | None, objective):
+    """The configured sampler, or the objective's own (`default_sampler`) when the config names none.
+    A sampler whose reverse process is not the objective's is refused in one line."""
     spec = dict(spec or {})
-    if spec.get("name") and SAMPLERS.get(spec["name"]).compatible(objective):
-        return SAMPLERS.build(spec)
-    if spec.get("name"):
-        announce(f"sampler={spec['name']} does not fit this objective; using sampler={objective.default_sampler}")
-    shared = {k: spec[k] for k in ("temperature",) if k in spec}
-    return SAMPLERS.build({"name": objective.default_sampler, **shared})
+    spec.setdefault("name", objective.default_sampler)
+    cls = SAMPLERS.get(spec["name"])
+    check_contract(cls, Sampler, f"sampler={spec['name']}")
+    if not sampler_fits(cls, objective):
+        raise DiffuseError(
+            f"sampler={spec['name']} decodes {'/'.join(cls.processes)} processes, but objective="
+            f"{objective.registry_name} runs a {objective.process} process; use sampler={objective.default_sampler}"
+        )
+    return SAMPLERS.build(spec)
 
 
-def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None):
+def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legacy: bool = False):
+    """`legacy`: a checkpoint written before samplers were checked against the objective's process may
+    name a sampler that never fitted (it was silently replaced then); it is replaced again, and said so."""
     from diffuse.module import DiffusionLM
 
     backbone = build_model(cfg, tokenizer)
     objective = build_objective(cfg, tokenizer)
+    sampler_cfg = as_dict(cfg.get("sampler"))
+    if legacy and sampler_cfg.get("name") and not sampler_fits(SAMPLERS.get(sampler_cfg["name"]), objective):
+        log.warning("checkpoint names sampler=%s, which does not fit objective=%s; using sampler=%s",
+                    sampler_cfg["name"], objective.registry_name, objective.default_sampler)
+        sampler_cfg = {}
     optim = as_dict(cfg.get("optim"))
     optim.setdefault("total_steps", cfg.trainer.get("max_steps") if "trainer" in cfg else None)
     return DiffusionLM(
@@ -77,7 +104,7 @@ def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None):
         regularizers=build_regularizers(cfg),
         optim=optim,
         seed=int(cfg.get("seed", 0)),
-        sampler=build_sampler(as_dict(cfg.get("sampler")), objective, announce=lambda m: None),
+        sampler=build_sampler(sampler_cfg, objective),
         tokenizer=tokenizer,
         run_config=run_config,
     )

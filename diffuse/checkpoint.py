@@ -47,7 +47,7 @@ def load_run(ckpt_path: str, map_location="cpu"):
         raise DiffuseError(f"ckpt={ckpt_path} was not written by diffuse (no config/tokenizer inside)")
     cfg = OmegaConf.create(meta["config"])
     tokenizer = tokenizer_from_state(meta["tokenizer"])
-    module = build_module(cfg, tokenizer, run_config=meta["config"])
+    module = build_module(cfg, tokenizer, run_config=meta["config"], legacy=True)
     module.load_state_dict(ckpt["state_dict"])
     module.eval()
     return cfg, tokenizer, module

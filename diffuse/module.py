@@ -7,8 +7,14 @@ import math
 
 import lightning as L
 import torch
+from hydra.utils import instantiate
+from torch import nn
 
 from diffuse.metrics import NELBO, CorruptionAccuracy
+from diffuse.noise import noise_generator, training_stream, validation_stream
+
+# optim keys that shape the learning-rate schedule; every other key (with `_target_`) builds the optimizer
+LR_SCHEDULE_KEYS = ("warmup_steps", "min_lr_ratio", "total_steps")
 
 
 class DiffusionLM(L.LightningModule):
@@ -16,8 +22,8 @@ class DiffusionLM(L.LightningModule):
                  sampler=None, tokenizer=None, run_config: dict | None = None):
         super().__init__()
         self.backbone = backbone
-        self.objective = objective
-        self.regularizers = list(regularizers)
+        self.objective = objective  # an nn.Module: its own networks and buffers move and save with this one
+        self.regularizers = nn.ModuleList(regularizers)
         self.optim = dict(optim or {})
         self.seed = seed
         self.sampler = sampler
@@ -28,20 +34,19 @@ class DiffusionLM(L.LightningModule):
         self.last_val_step = -1
 
     # -- steps ----------------------------------------------------------------------------------
-    def _generator(self, stream: int) -> torch.Generator:
-        # noise is a function of (seed, step): a resumed run draws exactly what an uninterrupted one would
-        return torch.Generator(device=self.device).manual_seed(self.seed * 1_000_003 + stream)
-
     def training_step(self, batch, batch_idx):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        gen = self._generator(self.global_step * accumulate + batch_idx % accumulate)
+        gen = noise_generator(self.seed, training_stream(self.global_step, batch_idx, accumulate), self.device)
+        for component in (self.objective, *self.regularizers):  # curricula and annealing read it
+            component.global_step = self.global_step
         out = self.objective.loss(self.backbone, batch, gen, train=True)
         total = out.loss
         logs = {"train/objective_loss": out.loss, **{f"train/{k}": v for k, v in out.metrics.items()}}
-        for reg in self.regularizers:
+        for i, reg in enumerate(self.regularizers):
             reg_loss, reg_logs = reg(self.objective, self.backbone, batch, gen)
             total = total + reg_loss
-            logs.update({f"train/{k}": v for k, v in reg_logs.items()})
+            for k, v in reg_logs.items():  # two regularizers logging one name: the later ones get their index
+                logs[f"train/{k}" if f"train/{k}" not in logs else f"train/{k}_{i}"] = v
         if out.token_correct is not None and out.token_correct.numel():
             logs["train/accuracy"] = out.token_correct.mean()
             logs["train/confidence"] = out.token_confidence.mean()
@@ -51,7 +56,8 @@ class DiffusionLM(L.LightningModule):
 
     def validation_step(self, batch, batch_idx):
         # a fixed noise stream per validation batch: val/nelbo is comparable across evaluations
-        out = self.objective.loss(self.backbone, batch, self._generator(-1 - batch_idx), train=False)
+        gen = noise_generator(self.seed, validation_stream(batch_idx), self.device)
+        out = self.objective.loss(self.backbone, batch, gen, train=False)
         self.val_nelbo.update(out.nll_sum, out.n_tokens)
         if out.token_correct is not None:
             self.val_accuracy.update(out.token_correct, out.token_confidence, out.token_level)
@@ -68,15 +74,17 @@ class DiffusionLM(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        o = self.optim
+        o = dict(self.optim)
         decay, no_decay = [], []
         for name, p in self.named_parameters():
             if p.requires_grad:
                 (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
-        opt = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o.get("weight_decay", 0.0)}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o.get("lr", 3e-4), betas=tuple(o.get("betas", (0.9, 0.98))), eps=o.get("eps", 1e-8),
-        )
+        spec = {k: v for k, v in o.items() if k not in LR_SCHEDULE_KEYS}
+        spec.setdefault("_target_", "torch.optim.AdamW")  # checkpoints written before optim._target_
+        if "betas" in spec:
+            spec["betas"] = tuple(spec["betas"])
+        # the decay group takes the optimizer's weight_decay; norms, biases and embeddings take none
+        opt = instantiate(spec, [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], _convert_="all")
         warmup, total = int(o.get("warmup_steps", 0)), int(o.get("total_steps") or 0)
         min_ratio = float(o.get("min_lr_ratio", 0.1))
 

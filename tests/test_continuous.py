@@ -204,15 +204,17 @@ def test_ddim_batch_equals_singles():
         assert alone.tokens[i].tolist() == both.tokens[i].tolist()
 
 
-def test_sampler_choice_follows_the_space_of_the_objective():
+def test_sampler_choice_follows_the_process_of_the_objective():
+    # issue 11: a mismatch is refused in one line (it used to be replaced silently)
     from diffuse.build import build_sampler
     from diffuse.objectives.masked_discrete import MaskedDiscrete
 
-    notes = []
-    assert build_sampler({"name": "remask"}, objective(), notes.append).registry_name == "ddim"
-    assert "does not fit" in notes[0]
+    with pytest.raises(DiffuseError, match="sampler=remask .* objective=continuous .* use sampler=ddim"):
+        build_sampler({"name": "remask"}, objective())
     masked = MaskedDiscrete(build_schedule("linear"), SPECIAL)
-    assert build_sampler({"name": "ddim"}, masked, notes.append).registry_name == "remask"
+    with pytest.raises(DiffuseError, match="sampler=ddim .* objective=masked_discrete .* use sampler=remask"):
+        build_sampler({"name": "ddim"}, masked)
+    assert build_sampler({}, objective()).registry_name == "ddim"
 
 
 def test_objective_config_switches_time_conditioning_on():

@@ -28,7 +28,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
+from diffuse.contracts import GAUSSIAN
 from diffuse.errors import DiffuseError
 from diffuse.objectives.base import LossOutput, SpecialTokens, antithetic_uniform, predicted_token_stats
 from diffuse.registry import OBJECTIVES
@@ -44,10 +46,10 @@ class NoisyEmbeddings:
 
 
 @OBJECTIVES.register("continuous")
-class ContinuousEmbedding:
+class ContinuousEmbedding(nn.Module):
+    process = GAUSSIAN  # samplers of token canvases (remask, ancestral, …) do not fit
     causal = False
     default_sampler = "ddim"
-    sample_space = "embeddings"  # samplers of token canvases (remask, ancestral, …) do not fit
 
     def __init__(
         self,
@@ -64,6 +66,8 @@ class ContinuousEmbedding:
             raise DiffuseError(f"objective.embedding_scale={embedding_scale} must be positive")
         if mse_weight < 0 or ce_weight < 0 or mse_weight + ce_weight == 0:
             raise DiffuseError(f"objective.mse_weight={mse_weight} and ce_weight={ce_weight} must be ≥ 0, not both 0")
+        super().__init__()
+        self.global_step = 0
         self.schedule, self.special = schedule, special
         self.num_timesteps, self.scale = int(num_timesteps), float(embedding_scale)
         self.mse_weight, self.ce_weight = float(mse_weight), float(ce_weight)
@@ -100,8 +104,12 @@ class ContinuousEmbedding:
             out &= ~batch["prompt_mask"].bool()
         return out
 
-    def sample_t(self, x0: torch.Tensor, generator=None, train: bool = True, k_min: int = 1) -> torch.Tensor:
-        """t = k/T [B, 1] with k stratified over the batch on {k_min, …, T}."""
+    def sample_t(self, x0: torch.Tensor, generator=None, train: bool = True, k_min: int = 1,
+                 t_range: tuple[float, float] | None = None) -> torch.Tensor:
+        """t = k/T [B, 1] with k stratified over the batch on {k_min, …, T}; with `t_range`, t ~ U[lo, hi]."""
+        if t_range is not None:
+            lo, hi = t_range
+            return lo + (hi - lo) * torch.rand((x0.shape[0], 1), device=x0.device, generator=generator)
         u = antithetic_uniform(x0.shape[0], x0.device, generator, (1,))
         span = self.num_timesteps - k_min + 1
         k = k_min + (u * span).floor().clamp_max(span - 1)
@@ -157,13 +165,13 @@ class ContinuousEmbedding:
         D = x0.shape[-1]
         return 0.5 * (a * x0.double().pow(2).sum(-1) - D * a - D * torch.log1p(-a))
 
-    def loss(self, backbone, batch, generator=None, train: bool = True) -> LossOutput:
+    def loss(self, backbone, batch, generator=None, train: bool = True, t_range=None) -> LossOutput:
         ids = batch["input_ids"]
         table = self.embedding_table(backbone)
         x0 = F.embedding(ids, table)
         noise = self.draw_noise(x0, generator)
         # validation draws k ≥ 2 for the bound's KL terms and adds the k = 1 decoder term below
-        t = self.sample_t(ids, generator, train, k_min=1 if train else 2)
+        t = self.sample_t(ids, generator, train, k_min=1 if train else 2, t_range=t_range)
         z = self.corrupt(x0, t, noise, batch)
         x0_hat = self.predict(backbone, z, t, batch)
         where = z.noisy

@@ -8,7 +8,7 @@ distributions, MSE for x̂0) on the positions still noisy at t_late, weighted by
 
     loss_c = Σ_ℓ noise_level(t_late)·distance_ℓ·1[still noisy at t_late] / #real tokens,   total += λ·loss_c.
 
-Hooks used: sample_t, draw_noise, corrupt, predict, still_noisy, noise_level, distance, and optionally
+Hooks used: the noising hooks of diffuse/contracts.py (NOISING_HOOKS), and optionally
 `clean(backbone, batch)` — the clean data in the space the objective corrupts (default: the token ids;
 continuous diffusion gives its embeddings). The objective's `num_timesteps` (when it has one) is the T
 grid, else this regularizer's `num_timesteps`.
@@ -19,11 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
+from diffuse.contracts import NOISING_HOOKS
 from diffuse.errors import DiffuseError
 from diffuse.registry import REGULARIZERS
-
-HOOKS = ("sample_t", "draw_noise", "corrupt", "predict", "still_noisy", "noise_level", "distance")
 
 
 @dataclass
@@ -35,8 +35,13 @@ class CoupledPair:
 
 
 @REGULARIZERS.register("cdlm_consistency")
-class CDLMConsistency:
+class CDLMConsistency(nn.Module):
+    """Teacher-free self-consistency: the target is the same network's own prediction at t_late (not a
+    distilled teacher's trajectory, as in the CDLM paper's student training)."""
+
     def __init__(self, weight: float = 0.5, delta_min: int = 50, delta_max: int = 200, num_timesteps: int = 1000):
+        super().__init__()
+        self.global_step = 0
         self.weight = float(weight)
         self.delta_min, self.delta_max = int(delta_min), int(delta_max)
         if self.weight < 0:
@@ -59,7 +64,7 @@ class CDLMConsistency:
 
     def coupled_pair(self, objective, backbone, batch, generator=None) -> tuple[object, CoupledPair]:
         """Clean data x0 and its two corruptions at t_early > t_late under one shared noise draw."""
-        missing = [h for h in HOOKS if not hasattr(objective, h)]
+        missing = [h for h in NOISING_HOOKS if not hasattr(objective, h)]
         if missing:
             raise DiffuseError(
                 f"regularizer=cdlm_consistency needs objective hooks {', '.join(missing)}, which objective="
@@ -78,7 +83,7 @@ class CDLMConsistency:
         z_late = objective.corrupt(x0, t_late, noise, batch)
         return x0, CoupledPair(t_early, t_late, z_early, z_late)
 
-    def __call__(self, objective, backbone, batch, generator=None):
+    def forward(self, objective, backbone, batch, generator=None):
         _, pair = self.coupled_pair(objective, backbone, batch, generator)
         with torch.no_grad():  # stop-gradient target
             target = objective.predict(backbone, pair.z_late, pair.t_late, batch)

@@ -1,0 +1,160 @@
+"""The written contracts between diffuse's component families. Everything else is built on these.
+
+A component is one registered class (`@OBJECTIVES.register("name")`) plus one yaml in its config group.
+`DiffusionLM` and the entry points use only what is declared here, never a component's name.
+
+Processes: an objective declares the noising process it runs; a sampler declares the processes whose
+reverse it knows. `build_sampler` refuses a pair that does not match (one line), so no sampler can fill a
+canvas with [MASK] for a model that never saw one.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, TypedDict, runtime_checkable
+
+import torch
+from typing_extensions import NotRequired
+
+# The noising processes known today; a plugin may declare a new one (any string) together with its samplers.
+ABSORBING = "absorbing"  # tokens jump to [MASK] (masked_discrete, llada)
+GAUSSIAN = "gaussian"  # Gaussian noise on embeddings (continuous)
+AUTOREGRESSIVE = "autoregressive"  # no noise: left to right (autoregressive)
+
+
+class Batch(TypedDict):
+    """What the DataModule yields and every objective reads. Shapes [B, L]."""
+
+    input_ids: torch.Tensor  # long token ids
+    segment_ids: torch.Tensor  # long; 0 on padding, 1, 2, … one id per packed document
+    prompt_mask: NotRequired[torch.Tensor]  # bool/long, SFT only: 1 on prompt tokens (never noised)
+
+
+@runtime_checkable
+class Backbone(Protocol):
+    """A network from token ids (or embeddings) to hidden states, and hidden states to logits."""
+
+    vocab_size: int
+    time_conditioned: bool  # True: its output depends on t (samplers cannot reuse logits across steps)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+    def __call__(self, ids: torch.Tensor | None = None, embeds: torch.Tensor | None = None,
+                 t: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                 causal: bool = False, **kwargs: Any) -> torch.Tensor:
+        """Hidden states [B, L, D]; `causal` selects causal attention / a one-direction scan."""
+        ...
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] of hidden states [..., D] (any leading shape)."""
+        ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """A training objective: an `nn.Module` (it may own networks and buffers: a frozen teacher, an
+    EMA target; see diffuse/frozen.py). `DiffusionLM` sets `global_step` on it before every training
+    step (curricula, annealing), so it never reaches into the trainer."""
+
+    process: str  # ABSORBING | GAUSSIAN | AUTOREGRESSIVE | a plugin's own
+    causal: bool  # the attention / scan the backbone must use
+    default_sampler: str  # the sampler used when the config names none
+    special: Any  # SpecialTokens
+
+    def loss(self, backbone: Backbone, batch: Batch, generator: torch.Generator | None = None,
+             train: bool = True) -> Any:
+        """A LossOutput (objectives/base.py): the loss to optimise and the NLL bound behind val/nelbo."""
+        ...
+
+
+# The noising hooks, listed once: what the consistency regularizer, the gradient analysis and the
+# samplers of a noising process use. An objective with a noise process gives all of them.
+NOISING_HOOKS = ("sample_t", "draw_noise", "corrupt", "predict", "still_noisy", "noise_level", "distance")
+
+
+@runtime_checkable
+class NoisingObjective(Objective, Protocol):
+    eps: float  # the smallest t
+
+    def loss(self, backbone: Backbone, batch: Batch, generator: torch.Generator | None = None,
+             train: bool = True, t_range: tuple[float, float] | None = None) -> Any:
+        """As Objective.loss; `t_range` is handed to `sample_t` (the gradient analysis probes one
+        corruption level at a time through it)."""
+        ...
+
+    def sample_t(self, x0: torch.Tensor, generator: torch.Generator | None = None, train: bool = True,
+                 t_range: tuple[float, float] | None = None) -> torch.Tensor:
+        """t [B, 1] (or [B, L]); `t_range` draws inside [lo, hi] instead of the objective's own range."""
+        ...
+
+    def draw_noise(self, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise drawn outside `corrupt`: the same noise at two times gives coupled corruptions."""
+        ...
+
+    def corrupt(self, x0: Any, t: torch.Tensor, noise: torch.Tensor, batch: Batch) -> Any: ...
+
+    def predict(self, backbone: Backbone, z: Any, t: torch.Tensor, batch: Batch) -> torch.Tensor: ...
+
+    def still_noisy(self, z: Any) -> torch.Tensor:
+        """[B, L] bool: positions that carry noise in z."""
+        ...
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        """Increasing in t, in [0, 1]: the mask ratio (absorbing) or 1 − ᾱ (Gaussian)."""
+        ...
+
+    def distance(self, pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Regularizer(Protocol):
+    """An `nn.Module` added to the objective's loss: `reg(objective, backbone, batch, generator)`.
+    `DiffusionLM` sets `global_step` on it before every training step."""
+
+    def __call__(self, objective: Objective, backbone: Backbone, batch: Batch,
+                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(weighted loss to add, metrics logged as train/<key>)."""
+        ...
+
+
+@runtime_checkable
+class Sampler(Protocol):
+    """A strategy over an objective's reverse process."""
+
+    processes: tuple[str, ...]  # the objective processes it fits
+
+    def generate(self, backbone: Backbone, objective: Objective, prompts: list[list[int]], length: int,
+                 seed: int = 0) -> Any:
+        """A SampleOutput (sampling/base.py): tokens, lengths, NFE for the batch and per row."""
+        ...
+
+
+def missing_members(obj: Any, protocol: type) -> list[str]:
+    """The attributes and methods of `protocol` that `obj` lacks (Protocol's own bookkeeping excluded)."""
+    names: set[str] = set()
+    for cls in protocol.__mro__:
+        if cls in (Protocol, object) or not getattr(cls, "_is_protocol", False):
+            continue
+        names |= set(getattr(cls, "__annotations__", {}))
+        names |= {k for k, v in vars(cls).items() if callable(v) and (not k.startswith("_") or k == "__call__")}
+    return sorted(n for n in names if not hasattr(obj, n))
+
+
+def check_contract(obj: Any, protocol: type, what: str) -> None:
+    """One line naming what a component lacks, at build time rather than mid-training."""
+    from diffuse.errors import DiffuseError
+
+    missing = missing_members(obj, protocol)
+    if missing:
+        raise DiffuseError(f"{what} ({type(obj).__name__}) does not meet the {protocol.__name__} contract of "
+                           f"diffuse/contracts.py: missing {', '.join(missing)}")
+
+
+def is_autoregressive(objective: Objective) -> bool:
+    """Exact left-to-right likelihood and one step per token (not the same as `causal`: a block-causal
+    diffusion model attends causally across blocks and still has a noise process)."""
+    return getattr(objective, "process", None) == AUTOREGRESSIVE
+
+
+def has_noise_process(objective: Objective) -> bool:
+    """Whether the objective gives every noising hook (the autoregressive objective does not)."""
+    return all(hasattr(objective, hook) for hook in NOISING_HOOKS)
