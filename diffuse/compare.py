@@ -14,8 +14,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse.build import as_dict
+from diffuse.cli import overridden_data_keys, pick_device
 from diffuse.errors import one_line_errors
-from diffuse.evaluate import overridden_data_keys
 from diffuse.evaluation.comparison import render_markdown, training_budget
 from diffuse.evaluation.formatting import write_json
 from diffuse.evaluation.judges import build_judge
@@ -23,7 +23,6 @@ from diffuse.evaluation.progress import ProgressBar
 from diffuse.evaluation.runner import eval_data_config, evaluate_checkpoint, load_checkpoint
 from diffuse.evaluation.sweep import plot_curves, speedup
 from diffuse.paths import CONFIG_DIR
-from diffuse.sample import pick_device
 
 
 @one_line_errors
@@ -41,17 +40,16 @@ def compare(cfg: DictConfig) -> dict:
         notes.append("A and B use different tokenizers: their bits/token are per their own tokens, not comparable")
     if judge is not None and judge.name.startswith(("A (", "B (")):
         notes.append(f"the judge is one of the compared models ({judge.name}): its own samples are favoured")
-    if a.causal and cfg.reference_steps is not None:
+    if a.autoregressive and cfg.reference_steps is not None:
         notes.append("reference_steps is ignored: A is autoregressive (one point, NFE = length)")
 
     results = {}
     with ProgressBar(cfg.progress) as bar:
         for name, ckpt in (("a", a), ("b", b)):
-            results[name] = evaluate_checkpoint(ckpt, settings, data_cfg, judge, cfg.paths.cache_dir, track=bar.track,
-                                                announce=lambda m: None)
+            results[name] = evaluate_checkpoint(ckpt, settings, data_cfg, judge, cfg.paths.cache_dir, track=bar.track)
             results[name]["budget"] = training_budget(ckpt.path)
     found = speedup(results["a"].get("sweep", []), results["b"].get("sweep", []),
-                    None if a.causal else cfg.reference_steps, float(cfg.tolerance)) if cfg.num_samples > 0 else {
+                    None if a.autoregressive else cfg.reference_steps, float(cfg.tolerance)) if cfg.num_samples > 0 else {
                         "found": False, "reason": "num_samples=0", "tolerance": float(cfg.tolerance)}
     comparison = {"a": results["a"], "b": results["b"], "speedup": found, "judge": getattr(judge, "name", None),
                   "settings": {k: OmegaConf.to_container(cfg)[k] for k in ("steps", "num_samples", "length", "tolerance",

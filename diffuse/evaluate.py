@@ -16,6 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from diffuse.build import as_dict
+from diffuse.cli import overridden_data_keys, pick_device
 from diffuse.errors import one_line_errors
 from diffuse.evaluation.judges import build_judge
 from diffuse.evaluation.progress import ProgressBar
@@ -23,13 +24,6 @@ from diffuse.evaluation.formatting import format_result, write_json
 from diffuse.evaluation.runner import eval_data_config, evaluate_checkpoint, load_checkpoint
 from diffuse.evaluation.sweep import plot_curves
 from diffuse.paths import CONFIG_DIR
-from diffuse.sample import pick_device
-
-
-def overridden_data_keys() -> set[str]:
-    """`data.*` keys set on the command line (they win over the checkpoint's DataModule settings)."""
-    keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
-    return {k.removeprefix("data.") for k in keys if k.startswith("data.")}
 
 
 @one_line_errors
@@ -41,8 +35,7 @@ def evaluate(cfg: DictConfig) -> dict:
     judge = build_judge(cfg.judge, cfg.judge_model, device, candidates=[(f"self ({cfg.ckpt})", ckpt.module, ckpt.tokenizer)])
     data_cfg = eval_data_config(as_dict(ckpt.cfg.data), as_dict(cfg.get("data")), overridden_data_keys())
     with ProgressBar(cfg.progress) as bar:
-        result = evaluate_checkpoint(ckpt, cfg, data_cfg, judge, cfg.paths.cache_dir, track=bar.track,
-                                     announce=lambda m: None)
+        result = evaluate_checkpoint(ckpt, cfg, data_cfg, judge, cfg.paths.cache_dir, track=bar.track)
     if cfg.get("steps") is not None and not isinstance(cfg.steps, int) and "sweep" in result:
         write_json(out_dir / "sweep.json", {"ckpt": ckpt.path, "judge": result["judge"], "points": result["sweep"],
                                             "reference": result["reference"]})

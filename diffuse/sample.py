@@ -10,30 +10,14 @@ import time
 from pathlib import Path
 
 import hydra
-import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from diffuse.build import as_dict, build_sampler
+from diffuse.build import build_sampler
 from diffuse.checkpoint import load_run
+from diffuse.cli import pick_device, sampler_spec
 from diffuse.errors import DiffuseError, one_line_errors
 from diffuse.paths import CONFIG_DIR
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DiffuseError("device=cuda but no CUDA device is available; use device=cpu")
-    return torch.device(name)
-
-
-def sampler_spec(cfg, train_cfg) -> dict:
-    spec = as_dict(cfg.get("sampler")) or as_dict(train_cfg.get("sampler"))
-    for key in ("steps", "temperature"):
-        if cfg.get(key) is not None:
-            spec[key] = cfg[key]
-    return spec
 
 
 def encode_prompts(cfg, tokenizer) -> list[list[int]]:
@@ -52,7 +36,7 @@ def sample(cfg: DictConfig) -> list[dict]:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     train_cfg, tokenizer, module = load_run(cfg.ckpt)
     module.to(pick_device(cfg.device))
-    sampler = build_sampler(sampler_spec(cfg, train_cfg), module.objective)
+    sampler = build_sampler(sampler_spec(cfg, train_cfg, module.objective), module.objective)
     prompts = encode_prompts(cfg, tokenizer)
     records = []
     for start in range(0, len(prompts), cfg.batch_size):

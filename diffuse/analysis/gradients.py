@@ -13,21 +13,22 @@ steps 0, N, 2N, … (computed before that step's optimizer update).
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import lightning as L
 import torch
 
+from diffuse.contracts import has_noise_process
 from diffuse.errors import DiffuseError
 from diffuse.metrics import BUCKETS
+from diffuse.noise import noise_generator
 
 log = logging.getLogger("diffuse")
 
 
 def supports(objective) -> bool:
     """A noise process with a level to bucket by (the autoregressive objective has none)."""
-    return hasattr(objective, "sample_t") and hasattr(objective, "noise_level")
+    return has_noise_process(objective)
 
 
 def t_for_level(objective, level: float, iters: int = 40) -> float:
@@ -56,27 +57,15 @@ def bucket_t_ranges(objective, buckets=BUCKETS) -> dict[str, tuple[float, float]
 def bucket_gradient_norms(objective, backbone, batch, generator: torch.Generator,
                           ranges: dict[str, tuple[float, float]]) -> dict[str, float]:
     params = [p for p in backbone.parameters() if p.requires_grad]
-    x0 = batch["input_ids"]
     out = {}
-    for name, (t_lo, t_hi) in ranges.items():
-        u = torch.rand((x0.shape[0], 1), device=x0.device, generator=generator)
-        t = t_lo + (t_hi - t_lo) * u
-        probe = copy.copy(objective)  # the same objective with t drawn inside the bucket
-        probe.sample_t = _fixed(t)
+    for name, t_range in ranges.items():
         with torch.enable_grad():
-            loss = probe.loss(backbone, batch, generator, train=True).loss
+            loss = objective.loss(backbone, batch, generator, train=True, t_range=t_range).loss
             grads = torch.autograd.grad(loss, params, allow_unused=True)
         sq = sum(g.detach().float().pow(2).sum() for g in grads if g is not None)
         out[f"grad/norm_{name}"] = float(torch.as_tensor(sq).sqrt())
         out[f"grad/loss_{name}"] = float(loss.detach())
     return out
-
-
-def _fixed(t: torch.Tensor):
-    def sample_t(*args, **kwargs):  # whatever the objective's own signature (k_min, train, …)
-        return t
-
-    return sample_t
 
 
 class CorruptionGradientNorms(L.Callback):
@@ -105,7 +94,7 @@ class CorruptionGradientNorms(L.Callback):
         if self._ranges is None:
             self._ranges = bucket_t_ranges(objective)
         device = pl_module.device
-        gen = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + step)
+        gen = noise_generator(self.seed, step, device)
         devices = [device] if device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), trainer.precision_plugin.train_step_context():
             values = bucket_gradient_norms(objective, pl_module.backbone, batch, gen, self._ranges)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from diffuse.contracts import is_autoregressive
 from diffuse.errors import DiffuseError
 
 
@@ -26,7 +27,7 @@ class Score:
 
 class DiffuseJudge:
     def __init__(self, module, tokenizer, name: str):
-        if not getattr(module.objective, "causal", False):
+        if not is_autoregressive(module.objective):
             raise DiffuseError(
                 f"judge={name} is a {module.objective.registry_name} checkpoint; a judge must be autoregressive "
                 "(train one with objective=autoregressive, or use judge=hf judge_model=…)"
@@ -89,7 +90,7 @@ def build_judge(judge: str | None, judge_model: str | None, device, candidates=(
 
     if judge is None:
         for name, module, tokenizer in candidates:
-            if getattr(module.objective, "causal", False):
+            if is_autoregressive(module.objective):
                 return DiffuseJudge(module, tokenizer, name)
         return None
     if str(judge) == "hf":

@@ -2,7 +2,7 @@
 
 Each batch is scored `t_samples` times with independent noise streams through the objective's own
 `loss(..., train=False)` (the maths lives there, not here). Stream 0 of batch b is the one training's
-validation uses, so `t_samples=1` with the checkpoint's seed and data reproduces its val/nelbo.
+validation uses (diffuse/noise.py), so `t_samples=1` with the checkpoint's seed and data reproduces its val/nelbo.
 
 Two standard errors of the per-token estimate R = Σ nll / Σ tokens:
 - `val/nelbo_stderr` — across batches (each batch's nll averaged over its t-samples), the ratio
@@ -18,20 +18,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
+from diffuse.contracts import has_noise_process
 from diffuse.metrics import NELBO, CorruptionAccuracy
-
-STREAM_STRIDE = 100_003  # t-sample r of batch b uses stream −1 − b − r·STRIDE (distinct while b < STRIDE)
-
-
-def noise_generator(seed: int, batch_index: int, repeat: int, device) -> torch.Generator:
-    # the formula of DiffusionLM._generator, so repeat 0 draws what training's validation drew
-    stream = -1 - batch_index - repeat * STREAM_STRIDE
-    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + stream)
-
-
-def is_stochastic(objective) -> bool:
-    """Objectives with a noise process draw t; the autoregressive NLL needs no t-samples."""
-    return hasattr(objective, "sample_t")
+from diffuse.noise import noise_generator, validation_stream
 
 
 @torch.no_grad()
@@ -39,7 +28,7 @@ def evaluate_likelihood(module, batches: Iterable[dict], t_samples: int = 1, see
                         track: Callable | None = None, total: int | None = None) -> dict:
     objective, backbone = module.objective, module.backbone
     device = next(module.parameters()).device
-    repeats = max(1, int(t_samples)) if is_stochastic(objective) else 1
+    repeats = max(1, int(t_samples)) if has_noise_process(objective) else 1
     nelbo, accuracy = NELBO(), CorruptionAccuracy()
     batch_nll, batch_tokens, within_var = [], [], []
     items = enumerate(batches)
@@ -49,7 +38,7 @@ def evaluate_likelihood(module, batches: Iterable[dict], t_samples: int = 1, see
         batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
         sums = []
         for r in range(repeats):
-            out = objective.loss(backbone, batch, noise_generator(seed, b, r, device), train=False)
+            out = objective.loss(backbone, batch, noise_generator(seed, validation_stream(b, r), device), train=False)
             nelbo.update(out.nll_sum.cpu(), out.n_tokens.cpu())
             if out.token_correct is not None:
                 level = out.token_level.cpu() if out.token_level is not None else None
@@ -73,7 +62,7 @@ def evaluate_likelihood(module, batches: Iterable[dict], t_samples: int = 1, see
     if repeats >= 2 and n_total > 0:
         values["val/nelbo_t_stderr"] = math.sqrt(sum(within_var) / repeats) / n_total
     else:
-        values["val/nelbo_t_stderr"] = 0.0 if not is_stochastic(objective) else None
+        values["val/nelbo_t_stderr"] = 0.0 if not has_noise_process(objective) else None
     values.update({"val/tokens": n_total, "val/batches": m, "t_samples": repeats})
     return values
 

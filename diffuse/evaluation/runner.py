@@ -11,6 +11,8 @@ from omegaconf import OmegaConf
 
 from diffuse.build import DATAMODULE_KEYS, as_dict, build_datamodule
 from diffuse.checkpoint import load_run
+from diffuse.cli import sampler_spec
+from diffuse.contracts import is_autoregressive
 from diffuse.errors import DiffuseError
 from diffuse.evaluation.likelihood import evaluate_likelihood
 from diffuse.evaluation.quality import degenerate, real_snippets, reference
@@ -29,8 +31,8 @@ class Checkpoint:
         return self.module.objective.registry_name
 
     @property
-    def causal(self) -> bool:
-        return bool(getattr(self.module.objective, "causal", False))
+    def autoregressive(self) -> bool:
+        return is_autoregressive(self.module.objective)
 
 
 def load_checkpoint(path: str, device) -> Checkpoint:
@@ -61,13 +63,6 @@ def heldout(ckpt: Checkpoint, data_cfg: dict, seed: int, cache_dir: str):
     return dm
 
 
-def sampler_spec(settings, ckpt: Checkpoint) -> dict:
-    spec = as_dict(settings.get("sampler")) or as_dict(ckpt.cfg.get("sampler"))
-    if settings.get("temperature") is not None:
-        spec["temperature"] = settings.temperature
-    return spec
-
-
 def step_list(settings, spec: dict) -> list[int]:
     """`steps=[8,16,…]` sweeps, `steps=32` is one step count, null: the sampler's own."""
     steps = settings.get("steps")
@@ -89,8 +84,7 @@ def check_settings(settings) -> None:
         raise DiffuseError(f"limit_batches={limit} must be a positive integer (or null: every batch)")
 
 
-def evaluate_checkpoint(ckpt: Checkpoint, settings, data_cfg: dict, judge, cache_dir: str,
-                        track=None, announce=print) -> dict:
+def evaluate_checkpoint(ckpt: Checkpoint, settings, data_cfg: dict, judge, cache_dir: str, track=None) -> dict:
     """Everything `diffuse.evaluate` reports for one checkpoint, as one JSON-able dict."""
     check_settings(settings)
     seed = int(settings.seed if settings.get("seed") is not None else ckpt.cfg.get("seed", 0))
@@ -111,10 +105,10 @@ def evaluate_checkpoint(ckpt: Checkpoint, settings, data_cfg: dict, judge, cache
         if judge is None:
             result["notes"].append("gen-PPL skipped: no judge (give judge=PATH to an autoregressive diffuse "
                                    "checkpoint, or judge=hf judge_model=…)")
-        spec = sampler_spec(settings, ckpt)
+        spec = sampler_spec(settings, ckpt.cfg, ckpt.module.objective, shorthands=("temperature",))
         points, samples = sweep(ckpt.module, spec, step_list(settings, spec), ckpt.tokenizer, judge,
                                 int(settings.num_samples), int(settings.length), int(settings.batch_size), seed,
-                                track=track, announce=lambda m: result["notes"].append(m) or announce(m))
+                                track=track)
         texts, tokens = real_snippets(dm.raw["validation"]["text"], ckpt.tokenizer,
                                       int(settings.reference_samples), int(settings.length))
         ref = reference(texts, tokens, judge) if texts else None

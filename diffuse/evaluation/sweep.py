@@ -14,31 +14,31 @@ from collections.abc import Callable
 from pathlib import Path
 
 from diffuse.build import build_sampler
+from diffuse.contracts import is_autoregressive
 from diffuse.errors import DiffuseError
 from diffuse.evaluation.quality import Samples, generate, quality
 
 
 def sweep(module, sampler_spec: dict, steps: list[int], tokenizer, judge, num_samples: int, length: int,
-          batch_size: int, seed: int, track: Callable | None = None, announce=print) -> tuple[list[dict], Samples]:
+          batch_size: int, seed: int, track: Callable | None = None) -> tuple[list[dict], Samples]:
     """One quality point per step count (autoregressive models: one point, steps = NFE = length).
     Every point uses the same seeds, so the curves differ only by the step count."""
     objective = module.objective
-    if getattr(objective, "causal", False):
+    if is_autoregressive(objective):
         steps = [None]
     for s in steps:
         if s is not None and int(s) <= 0:
             raise DiffuseError(f"steps={steps} must be positive integers")
     # warm-up: the first call pays for allocation and kernel selection; keep it out of the timings
     warm_spec = dict(sampler_spec, steps=int(min(steps))) if steps[0] is not None else dict(sampler_spec)
-    warm = build_sampler(warm_spec, objective, announce=lambda m: None)
+    warm = build_sampler(warm_spec, objective)
     module.generate([[]], min(length, 8), seed=seed, sampler=warm)
 
     points, samples = [], None
     items = track(steps, total=len(steps), description="sampling") if track else steps
     for s in items:
         spec = dict(sampler_spec, **({"steps": int(s)} if s is not None else {}))
-        sampler = build_sampler(spec, objective, announce=announce)
-        announce = lambda m: None  # noqa: E731 (say a sampler mismatch once)
+        sampler = build_sampler(spec, objective)
         samples = generate(module, sampler, tokenizer, num_samples, length, batch_size, seed)
         point = quality(samples, judge)
         point["steps"] = int(s) if s is not None else samples.nfe
