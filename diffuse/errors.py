@@ -10,11 +10,6 @@ class DiffuseError(ValueError):
     """A problem with the user's input (a config key, a value, a file). Printed as one line."""
 
 
-def require(condition: bool, message: str) -> None:
-    if not condition:
-        raise DiffuseError(message)
-
-
 def one_line_errors(main):
     """Wrap a CLI entry point: a DiffuseError becomes `error: …` on stderr and exit code 2."""
 

@@ -56,7 +56,6 @@ class HFCausalLM(nn.Module):
             self.model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation,
                                                           dtype=torch_dtype)
         self.vocab_size = self.model.get_output_embeddings().out_features
-        self.mask_token_id = getattr(self.model.config, "mask_token_id", None)  # e.g. LLaDA checkpoints
         if gradient_checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if compile:
