@@ -128,6 +128,22 @@ class Sampler(Protocol):
         ...
 
 
+@runtime_checkable
+class DataSource(Protocol):
+    """Raw text splits (`data.*` keys other than the DataModule's): `text` column, `train` and `validation`."""
+
+    def load(self, seed: int, cache_dir: str) -> tuple[Any, str]:
+        """(datasets.DatasetDict, a fingerprint of the source that keys the caches)."""
+        ...
+
+
+@runtime_checkable
+class TokenizerBuilder(Protocol):
+    """Makes the tokenizer: a `PreTrainedTokenizerFast` with pad, bos, eos and mask tokens."""
+
+    def __call__(self, texts: Any = None, cache_dir: str | None = None, fingerprint: str = "") -> Any: ...
+
+
 def missing_members(obj: Any, protocol: type) -> list[str]:
     """The attributes and methods of `protocol` that `obj` lacks (Protocol's own bookkeeping excluded)."""
     names: set[str] = set()

@@ -11,12 +11,12 @@ from torch import nn
 
 from conftest import SPECIAL, call_main, error_lines, tiny_args, tiny_transformer
 from diffuse.build import build_regularizers, build_sampler
-from diffuse.contracts import (Backbone, NoisingObjective, Objective, Regularizer, Sampler, check_contract,
-                               has_noise_process)
+from diffuse.contracts import (Backbone, DataSource, NoisingObjective, Objective, Regularizer, Sampler,
+                               TokenizerBuilder, check_contract, has_noise_process)
 from diffuse.errors import DiffuseError
 from diffuse.frozen import Frozen
 from diffuse.module import DiffusionLM
-from diffuse.registry import OBJECTIVES, REGULARIZERS, SAMPLERS
+from diffuse.registry import DATASETS, OBJECTIVES, REGULARIZERS, SAMPLERS, TOKENIZERS
 from diffuse.schedules import build_schedule
 from test_config import compose_train
 
@@ -48,6 +48,13 @@ def test_backbones_and_regularizers_meet_their_contracts():
         reg = REGULARIZERS.build({"name": name})
         check_contract(reg, Regularizer, name)
         assert isinstance(reg, nn.Module)
+
+
+def test_data_sources_and_tokenizers_meet_their_contracts():
+    for name in DATASETS.names():
+        check_contract(DATASETS.get(name), DataSource, name)
+    for name in TOKENIZERS.names():
+        check_contract(TOKENIZERS.get(name), TokenizerBuilder, name)
 
 
 def test_a_component_missing_part_of_its_contract_is_named_at_build_time():

@@ -13,6 +13,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from diffuse.data.packing import pack_documents, pad_documents
+from diffuse.contracts import DataSource, TokenizerBuilder, check_contract
 from diffuse.errors import DiffuseError
 from diffuse.registry import DATASETS, TOKENIZERS
 
@@ -60,6 +61,8 @@ class TextDataModule(L.LightningDataModule):
             raise DiffuseError(f"data.batch_size={batch_size} must be a positive integer")
         self.source = DATASETS.build(source)
         self.tokenizer_builder = TOKENIZERS.build(tokenizer)
+        check_contract(self.source, DataSource, f"data={source.get('name')}")
+        check_contract(self.tokenizer_builder, TokenizerBuilder, f"tokenizer={tokenizer.get('name')}")
         self.seq_len, self.batch_size = int(seq_len), int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.pack, self.add_bos, self.add_eos = pack, add_bos, add_eos
