@@ -187,3 +187,13 @@ def test_the_optimizer_comes_from_its_target():
     assert adamw.defaults["betas"] == (0.9, 0.98)
     with pytest.raises(Exception, match="no_such_optimizer"):
         optimizer({"_target_": "torch.optim.no_such_optimizer", "lr": 0.1})
+
+
+def test_a_teacher_loads_frozen_from_a_diffuse_checkpoint(debug_run):
+    path = str(debug_run / "checkpoints" / "last.ckpt")
+    teacher = Frozen.from_checkpoint(path)
+    assert teacher.source == path and teacher.get_extra_state() == {"source": path}
+    assert not list(teacher.parameters()) and not teacher.state_dict().keys() - {"_extra_state"}
+    ids = torch.full((1, 8), 5)
+    hidden = teacher(ids=ids)
+    assert not hidden.requires_grad and teacher.logits(hidden).shape[-1] == teacher.vocab_size
