@@ -111,7 +111,7 @@ def test_mask_probability_schedule_and_clamp():
     lin = LLaDA(SPECIAL, build_schedule("linear"))
     t = torch.tensor([[0.0], [0.5], [1.0]])
     assert torch.allclose(lin.mask_prob(t), (1 - 1e-3) * t + 1e-3)
-    cos = LLaDA(SPECIAL, noise_schedule="cosine")  # the plugin's key overrides the schedule group
+    cos = LLaDA(SPECIAL, build_schedule("cosine"))  # the schedule group sets α(t)
     assert torch.allclose(cos.mask_prob(t), 1e-3 + (1 - 1e-3) * (1 - torch.cos(math.pi * t / 2)))
     clamped = LLaDA(SPECIAL, build_schedule("cosine"), min_mask_ratio=0.3, max_mask_ratio=0.6)
     p = clamped.mask_prob(clamped.sample_t(torch.zeros(512, 4, dtype=torch.long), torch.Generator().manual_seed(0)))

@@ -1,11 +1,11 @@
 """What every objective shares: the output of a loss, the special token ids, antithetic time draws.
 
-An objective is a small object with (at least)
-  causal: bool                      — which attention/scan the backbone must use
-  default_sampler: str              — the sampler that fits its reverse process
-  loss(backbone, batch, generator, train) -> LossOutput
-Objectives that support the consistency regularizer also give the hooks `sample_t`, `draw_noise`,
-`corrupt`, `predict`, `still_noisy`, `noise_level` and `distance` (see regularizers/).
+An objective is a torch `nn.Module` (the contract is `Objective` in diffuse/contracts.py): class
+attributes `process`, `causal`, `default_sampler`, an instance attribute `global_step` that DiffusionLM
+sets before every training step, and `loss(backbone, batch, generator, train) -> LossOutput`. Objectives
+with a noise process also give the hooks of `NoisingObjective` (`sample_t`, `draw_noise`, `corrupt`,
+`predict`, `still_noisy`, `noise_level`, `distance`), which the consistency regularizer, the gradient
+analysis and the samplers use. The absorbing-state family shares them in objectives/absorbing.py.
 """
 
 from __future__ import annotations

@@ -1,0 +1,145 @@
+"""The absorbing-state ("masked") family: every token jumps to [MASK] independently with the mask
+probability p(t); SUBS parameterisation (the [MASK] logit is −∞, unmasked positions copy x0 and cost
+nothing). masked_discrete and llada are this class with a few hooks changed:
+
+    mask_prob(t), t_for_mask_prob(p)   the noise level p(t) (increasing in t) and its inverse
+    maskable(batch)                    the positions that may be masked (the others are always given)
+    t_from_uniform(u, train)           t from the antithetic u ∈ [0, 1), with the train-time clamp
+    t_tail(x0, train)                  the shape of t after the batch dim: (1,), or (L,) for a t per token
+    elbo_weight(t)                     per masked token: Σ w·CE is the NLL bound behind val/nelbo
+    train_weight(t, masked, maskable, batch)   per masked token: Σ w·CE is the loss that is optimised
+    extra_metrics(t, masked, nll)      logged beside mask_ratio
+
+The loss computes the output head and the cross-entropy at the masked positions only, chunk by chunk
+(objectives/losses.py); `predict` still gives the full [B, L, V] log-probabilities, for the samplers and
+the consistency regularizer.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from diffuse.contracts import ABSORBING
+from diffuse.errors import DiffuseError
+from diffuse.objectives.base import LossOutput, SpecialTokens, antithetic_uniform
+from diffuse.objectives.losses import selected_cross_entropy
+from diffuse.schedules import Schedule
+
+
+class AbsorbingObjective(nn.Module):
+    process = ABSORBING
+    causal = False
+    default_sampler = "remask"
+
+    def __init__(self, schedule: Schedule, special: SpecialTokens, eps: float = 1e-3,
+                 min_mask_ratio: float = 0.0, max_mask_ratio: float = 1.0):
+        super().__init__()
+        if not 0.0 <= min_mask_ratio < max_mask_ratio <= 1.0:
+            raise DiffuseError(
+                f"objective.min_mask_ratio={min_mask_ratio} and max_mask_ratio={max_mask_ratio} "
+                "must satisfy 0 ≤ min < max ≤ 1"
+            )
+        if not 0.0 < eps < 1.0:
+            raise DiffuseError(f"objective.eps={eps} must lie in (0, 1)")
+        self.schedule, self.special, self.eps = schedule, special, eps
+        self.min_mask_ratio, self.max_mask_ratio = min_mask_ratio, max_mask_ratio
+        self.global_step = 0
+
+    # -- hooks a variant changes --------------------------------------------------------------------
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        """p(t) = 1 − α(t)."""
+        return 1.0 - self.schedule.alpha(t)
+
+    def t_for_mask_prob(self, p: float) -> float:
+        return float(self.schedule.t_for_alpha(torch.tensor(1.0 - p, dtype=torch.float64)))
+
+    def maskable(self, batch) -> torch.Tensor:
+        """Real tokens other than BOS (given, as for the AR model, so both predict the same tokens)."""
+        return (batch["segment_ids"] > 0) & (batch["input_ids"] != self.special.bos)
+
+    def t_tail(self, x0: torch.Tensor, train: bool) -> tuple[int, ...]:
+        return (1,)
+
+    def t_from_uniform(self, u: torch.Tensor, train: bool) -> torch.Tensor:
+        """t ∈ [ε, 1]; in training the range shrinks so that p(t) ∈ [min_mask_ratio, max_mask_ratio]."""
+        lo, hi = self.eps, 1.0
+        if train:
+            lo = max(lo, self.t_for_mask_prob(self.min_mask_ratio))
+            hi = min(hi, self.t_for_mask_prob(self.max_mask_ratio))
+        return lo + (hi - lo) * u
+
+    def elbo_weight(self, t: torch.Tensor) -> torch.Tensor:
+        """−α′(t)/(1 − α(t)) · (1 − ε): ∫_ε^1 dt = (1 − ε)·E_{t~U[ε,1]}."""
+        return self.schedule.weight(t) * (1.0 - self.eps)
+
+    def train_weight(self, t, masked, maskable, batch) -> torch.Tensor:
+        """The ELBO weight over the number of maskable tokens: the loss is the per-token NELBO."""
+        return self.elbo_weight(t) / maskable.sum().clamp_min(1)
+
+    def extra_metrics(self, t, masked, nll) -> dict[str, torch.Tensor]:
+        return {}
+
+    # -- the forward (noising) process --------------------------------------------------------------
+    def sample_t(self, x0: torch.Tensor, generator=None, train: bool = True,
+                 t_range: tuple[float, float] | None = None) -> torch.Tensor:
+        """Antithetic t [B, 1] (or [B, L]); `t_range` = (lo, hi): i.i.d. uniform in it, [B, 1], no clamp."""
+        if t_range is not None:
+            lo, hi = t_range
+            return lo + (hi - lo) * torch.rand((x0.shape[0], 1), device=x0.device, generator=generator)
+        u = antithetic_uniform(x0.shape[0], x0.device, generator, self.t_tail(x0, train))
+        return self.t_from_uniform(u, train)
+
+    def draw_noise(self, x0: torch.Tensor, generator=None) -> torch.Tensor:
+        return torch.rand(x0.shape, device=x0.device, generator=generator)
+
+    def corrupt(self, x0, t, noise, batch) -> torch.Tensor:
+        """Mask where noise < p(t): the same noise at two times gives nested (coupled) masks."""
+        masked = (noise < self.mask_prob(t)) & self.maskable(batch)
+        return torch.where(masked, torch.full_like(x0, self.special.mask), x0)
+
+    def still_noisy(self, z: torch.Tensor) -> torch.Tensor:
+        return z == self.special.mask
+
+    def noise_level(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mask_prob(t)
+
+    # -- the network's prediction -------------------------------------------------------------------
+    def hidden(self, backbone, z, t, batch) -> torch.Tensor:
+        t_in = t.squeeze(-1) if t.dim() == 2 and t.shape[1] == 1 else t
+        return backbone(ids=z, t=t_in, segment_ids=batch.get("segment_ids"))
+
+    def predict(self, backbone, z, t, batch) -> torch.Tensor:
+        """SUBS log-probabilities over x0 [B, L, V]: [MASK] impossible; unmasked positions one-hot on z."""
+        logits = backbone.logits(self.hidden(backbone, z, t, batch)).float()
+        logits[..., self.special.mask] = float("-inf")
+        keep = (z != self.special.mask)[..., None]
+        logp = torch.where(keep, float("-inf"), logits.log_softmax(-1))
+        return logp.scatter_(-1, z[..., None], torch.where(keep, 0.0, float("-inf")))  # log 1 at z where kept
+
+    def distance(self, pred, target, where) -> torch.Tensor:
+        """KL(target ‖ pred) per position, on the vocabulary distribution (zero where not `where`)."""
+        kl = (target.exp() * (target - pred)).nan_to_num(0.0).sum(-1)
+        return kl * where
+
+    # -- the loss -----------------------------------------------------------------------------------
+    def loss(self, backbone, batch, generator=None, train: bool = True,
+             t_range: tuple[float, float] | None = None) -> LossOutput:
+        x0 = batch["input_ids"]
+        t = self.sample_t(x0, generator, train, t_range)
+        z = self.corrupt(x0, t, self.draw_noise(x0, generator), batch)
+        masked, maskable = self.still_noisy(z), self.maskable(batch)
+        ce = selected_cross_entropy(backbone, self.hidden(backbone, z, t, batch), masked, x0,
+                                    self.train_weight(t, masked, maskable, batch), exclude=self.special.mask)
+        nll_sum = (ce.nll * torch.broadcast_to(self.elbo_weight(t), masked.shape)[masked]).sum()
+        n_tokens = maskable.sum()
+        level = masked.sum(1, keepdim=True) / maskable.sum(1, keepdim=True).clamp_min(1)
+        return LossOutput(
+            loss=ce.total,
+            nll_sum=nll_sum,
+            n_tokens=n_tokens,
+            metrics={"mask_ratio": masked.sum() / n_tokens.clamp_min(1), **self.extra_metrics(t, masked, ce.nll)},
+            token_correct=ce.correct,
+            token_confidence=ce.confidence,
+            token_level=level.expand_as(masked)[masked],
+        )
