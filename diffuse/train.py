@@ -7,6 +7,7 @@ Thin on purpose: compose the config, build the pieces through the registries, ha
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import hydra
@@ -18,30 +19,41 @@ from omegaconf import DictConfig, OmegaConf
 from diffuse.build import build_datamodule, build_module, check_checkpoint_fits
 from diffuse.callbacks import Throughput, write_metrics_json
 from diffuse.checkpoint import AtomicCheckpointIO, checkpoint_tokenizer, read_checkpoint
+from diffuse import rundir
 from diffuse.errors import one_line_errors
 from diffuse.paths import CONFIG_DIR
 
 log = logging.getLogger("diffuse")
 
 
-def resume_path(cfg, run_dir: Path) -> str | None:
-    if cfg.get("ckpt_path"):
-        return str(cfg.ckpt_path)
-    last = run_dir / "checkpoints" / "last.ckpt"
-    return str(last) if cfg.get("resume") and last.is_file() else None
-
-
 @one_line_errors
 def train(cfg: DictConfig) -> dict:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # one writer per run dir (usually locked already by the RunDirLock Hydra callback, before .hydra/)
+    owns_lock = rundir.acquire(run_dir) if rundir.is_global_rank_zero() else False
+    try:
+        return _train(cfg, run_dir)
+    finally:
+        if owns_lock:
+            rundir.release(run_dir)
+
+
+def _train(cfg: DictConfig, run_dir: Path) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     run_config = OmegaConf.to_container(cfg, resolve=True)
+    if rundir.is_global_rank_zero():
+        rundir.clean_temp_files(run_dir)
 
-    ckpt_path = resume_path(cfg, run_dir)
-    ckpt, ckpt_tokenizer = None, None
+    ckpt_path = rundir.resume_path(cfg, run_dir)
+    ckpt, ckpt_tokenizer, resumed_at, extra_callbacks = None, None, None, []
     if ckpt_path:  # keep the checkpoint's tokenizer: a resumed run must see the same vocabulary
         ckpt = read_checkpoint(ckpt_path, "ckpt_path")
         ckpt_tokenizer = checkpoint_tokenizer(ckpt, ckpt_path)
+        resumed_at = int(ckpt.get("global_step", 0))
+        saved_optim = ((ckpt.get("diffuse") or {}).get("config") or {}).get("optim") or {}
+        changes = rundir.optim_changes(saved_optim, run_config.get("optim") or {})
+        rundir.announce_optim_changes(changes)
+        extra_callbacks = [rundir.ApplyOptimConfig(changes)] if changes else []
 
     dm = build_datamodule(cfg, seed=cfg.seed, cache_dir=cfg.paths.cache_dir)
     tokenizer = dm.load(ckpt_tokenizer)
@@ -53,8 +65,12 @@ def train(cfg: DictConfig) -> dict:
     n_params = sum(p.numel() for p in module.backbone.parameters())
     log.info("data: %s; model: %.2fM parameters; run dir: %s", dm.describe(), n_params / 1e6, run_dir)
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c] + extra_callbacks
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    if resumed_at is not None and rundir.is_global_rank_zero():
+        for logger in loggers:  # steps after the checkpoint are logged again by this run: keep each once
+            if hasattr(logger, "forget_steps_from"):
+                logger.forget_steps_from(resumed_at)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
     dm.accumulate = trainer.accumulate_grad_batches
@@ -68,8 +84,10 @@ def train(cfg: DictConfig) -> dict:
 
     metrics = {**fit_metrics, **trainer.callback_metrics}
     speed = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
-    if speed is not None:
+    if speed is not None and math.isfinite(speed.average):  # NaN: no step trained (a finished run resumed)
         metrics["train/tokens_per_sec"] = speed.average
+    if resumed_at is not None:  # what this run did not measure again stays as the earlier run wrote it
+        metrics = rundir.merge_metrics(run_dir / "metrics.json", metrics)
     flat = write_metrics_json(run_dir / "metrics.json", metrics)
     summary = ", ".join(f"{k}={flat[k]:.4g}" for k in ("val/nelbo", "val/bpt", "train/loss", "train/tokens_per_sec")
                         if flat.get(k) is not None)
