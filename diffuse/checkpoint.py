@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -11,9 +14,47 @@ from omegaconf import OmegaConf
 
 from diffuse.errors import DiffuseError
 
+log = logging.getLogger("diffuse")
+
+# Every checkpoint diffuse reads is unpickled with torch.load(weights_only=True): tensors and plain
+# containers only, so a file cannot run code when it is loaded. A trusted file written otherwise (a
+# legacy checkpoint holding e.g. an OmegaConf object) loads with this variable set to 1.
+TRUST_ENV = "DIFFUSE_TRUST_CHECKPOINTS"
+
+
+def trusted() -> bool:
+    return os.environ.get(TRUST_ENV, "").strip() == "1"
+
+
+def safe_load(path, key: str, map_location="cpu", mmap: bool = False):
+    """torch.load(weights_only=True), the one place diffuse unpickles a checkpoint. A file that needs more
+    (a pickled object, i.e. code run on load) is refused in one line naming `key=path`; with
+    DIFFUSE_TRUST_CHECKPOINTS=1 it is loaded in full, with a warning."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        unsafe = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        if not unsafe:
+            raise DiffuseError(f"{key}={path} is not a readable checkpoint (UnpicklingError)") from None
+        if not trusted():
+            raise DiffuseError(f"{key}={path} needs unsafe unpickling (it holds {unsafe.group(1)}, not only tensors "
+                               f"and plain containers): refused; if you trust the file, set {TRUST_ENV}=1") from None
+        log.warning("%s=%s holds %s: unpickled in full because %s=1", key, path, unsafe.group(1), TRUST_ENV)
+    except Exception as err:
+        raise DiffuseError(f"{key}={path} is not a readable checkpoint ({type(err).__name__})") from None
+    try:
+        return torch.load(path, map_location=map_location, weights_only=False, mmap=mmap)
+    except Exception as err:
+        raise DiffuseError(f"{key}={path} is not a readable checkpoint ({type(err).__name__})") from None
+
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        """Lightning's resume (`trainer.fit(ckpt_path=…)`) reads through here, as safely as every other
+        diffuse load: Lightning's `weights_only` argument is not what opts out, DIFFUSE_TRUST_CHECKPOINTS=1 is."""
+        return read_checkpoint(str(path), "ckpt_path", map_location if map_location is not None else "cpu")
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
         path = Path(path)
@@ -23,28 +64,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.replace(tmp, path)
 
 
-def read_checkpoint(ckpt_path: str, key: str, map_location="cpu") -> dict:
-    """torch.load, with a one-line error naming `key=path` when the file is missing or not a checkpoint."""
-    if not Path(ckpt_path).is_file():
+def read_checkpoint(ckpt_path: str, key: str, map_location="cpu", mmap: bool = False) -> dict:
+    """A checkpoint as a dict (weights_only unpickling, see `safe_load`), with a one-line error naming
+    `key=path` when the path is missing, a folder, not a checkpoint, or needs unsafe unpickling."""
+    path = Path(ckpt_path)
+    if path.is_dir():
+        inside = [f for f in (path / "last.ckpt", path / "checkpoints" / "last.ckpt") if f.is_file()]
+        inside = inside or sorted(path.glob("*.ckpt")) or sorted(path.glob("checkpoints/*.ckpt"))
+        hint = f"; e.g. {key}={inside[0]}" if inside else " (no .ckpt file in it)"
+        raise DiffuseError(f"{key}={ckpt_path} is a folder, not a checkpoint file{hint}")
+    if not path.is_file():
         raise DiffuseError(f"{key}={ckpt_path} does not exist")
-    try:
-        ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
-    except Exception as err:
-        raise DiffuseError(f"{key}={ckpt_path} is not a readable checkpoint ({type(err).__name__})") from None
+    ckpt = safe_load(ckpt_path, key, map_location, mmap)
     if not isinstance(ckpt, dict):
         raise DiffuseError(f"{key}={ckpt_path} is not a checkpoint")
     return ckpt
 
 
-def load_run(ckpt_path: str, map_location="cpu"):
-    """(config, tokenizer, DiffusionLM) rebuilt from one checkpoint file, weights loaded, eval mode."""
+def load_run(ckpt_path: str, map_location="cpu", key: str = "ckpt"):
+    """(config, tokenizer, DiffusionLM) rebuilt from one checkpoint file, weights loaded, eval mode.
+    `key` is the config key that named the file (`ckpt`, `judge`, …), for the error messages."""
     from diffuse.build import build_module
     from diffuse.data.tokenizers import tokenizer_from_state
 
-    ckpt = read_checkpoint(ckpt_path, "ckpt", map_location)
+    ckpt = read_checkpoint(ckpt_path, key, map_location)
     meta = ckpt.get("diffuse")
     if not meta or not meta.get("tokenizer"):
-        raise DiffuseError(f"ckpt={ckpt_path} was not written by diffuse (no config/tokenizer inside)")
+        raise DiffuseError(f"{key}={ckpt_path} was not written by diffuse (no config/tokenizer inside)")
     cfg = OmegaConf.create(meta["config"])
     tokenizer = tokenizer_from_state(meta["tokenizer"])
     module = build_module(cfg, tokenizer, run_config=meta["config"], legacy=True)

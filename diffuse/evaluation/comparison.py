@@ -5,19 +5,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import torch
-
-from diffuse.errors import DiffuseError
 from diffuse.evaluation.formatting import num
 
 
 def training_budget(ckpt_path: str) -> dict:
     """Tokens seen in training: global_step × batch_size × seq_len × gradient accumulation (padding
     included; one device assumed — multiply by the world size for multi-GPU runs)."""
-    try:
-        ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
-    except Exception as err:
-        raise DiffuseError(f"ckpt={ckpt_path} is not a readable checkpoint ({type(err).__name__})") from None
+    from diffuse.checkpoint import read_checkpoint
+
+    ckpt = read_checkpoint(ckpt_path, "ckpt", mmap=True)  # weights_only, like every load; mmap: no tensor is read
     cfg = (ckpt.get("diffuse") or {}).get("config") or {}
     data, trainer = cfg.get("data", {}), cfg.get("trainer", {})
     step = int(ckpt.get("global_step", 0))

@@ -97,7 +97,7 @@ def build_judge(judge: str | None, judge_model: str | None, device, candidates=(
         if not judge_model:
             raise DiffuseError("judge=hf needs judge_model=<local folder or hub name>")
         return HFJudge(str(judge_model), device)
-    _, tokenizer, module = load_run(str(judge))
+    _, tokenizer, module = load_run(str(judge), key="judge")
     return DiffuseJudge(module.to(device), tokenizer, str(judge))
 
 
