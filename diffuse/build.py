@@ -84,6 +84,32 @@ def build_sampler(spec: dict | None, objective):
     return SAMPLERS.build(spec)
 
 
+# optim keys checked before the optimizer sees them (torch's own ValueError would surface at fit time as a
+# traceback); keys the chosen optimizer does not take are left to it
+OPTIM_RULES = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "eps": (lambda v: v >= 0, "≥ 0"),
+    "weight_decay": (lambda v: v >= 0, "≥ 0"),
+    "warmup_steps": (lambda v: v >= 0 and float(v).is_integer(), "an integer ≥ 0"),
+    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+}
+
+
+def check_optim(optim: dict) -> None:
+    """`optim.lr=-1` and friends: one line naming the key and value."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    for key, (ok, rule) in OPTIM_RULES.items():
+        value = optim.get(key)
+        if value is not None and not (number(value) and ok(value)):
+            raise DiffuseError(f"optim.{key}={value} must be {'a number ' if 'integer' not in rule else ''}{rule}")
+    betas = optim.get("betas")
+    if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2
+                                  and all(number(b) and 0 <= b < 1 for b in betas)):
+        raise DiffuseError(f"optim.betas={betas} must be two numbers in [0, 1)")
+
+
 def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legacy: bool = False):
     """`legacy`: a checkpoint written before samplers were checked against the objective's process may
     name a sampler that never fitted (it was silently replaced then); it is replaced again, and said so."""
@@ -97,6 +123,7 @@ def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legac
                     sampler_cfg["name"], objective.registry_name, objective.default_sampler)
         sampler_cfg = {}
     optim = as_dict(cfg.get("optim"))
+    check_optim(optim)
     optim.setdefault("total_steps", cfg.trainer.get("max_steps") if "trainer" in cfg else None)
     return DiffusionLM(
         backbone=backbone,
@@ -111,7 +138,14 @@ def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legac
 
 
 def check_checkpoint_fits(module, ckpt: dict, ckpt_path: str) -> None:
-    """Make sure a checkpoint's weights fit `module`; one line names what differs."""
+    """Make sure a checkpoint's weights and objective fit `module`; one line names what differs. Objectives
+    that share a backbone (masked_discrete, autoregressive, llada) have the same tensors, so a resume under
+    another objective would fit the weights while continuing the optimizer and step count under another loss."""
+    trained = (((ckpt.get("diffuse") or {}).get("config") or {}).get("objective") or {}).get("name")
+    given = getattr(module.objective, "registry_name", None)
+    if trained and given and trained != given:
+        raise DiffuseError(f"checkpoint {ckpt_path} was trained with objective={trained}, not objective={given}; "
+                           f"a resume continues the same run: use objective={trained}")
     mine = module.state_dict()
     theirs = ckpt.get("state_dict", {})
     missing = sorted(set(mine) - set(theirs))

@@ -1,11 +1,16 @@
 """`python -m diffuse.sample ckpt=PATH` — generate text from a trained checkpoint.
 
 Prints each sample with its length and forward passes (NFE) and writes `samples.jsonl` to the output dir.
+
+A canvas (BOS + prompt + `length`) longer than the rows the model was trained on (the checkpoint's
+`data.seq_len`) is refused in one line: positions past it were never trained (a RoPE transformer or
+Mamba-2 runs there, with unknown quality). `+beyond_context=true` samples past it anyway, with a warning.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from pathlib import Path
 
@@ -19,6 +24,8 @@ from diffuse.cli import pick_device, sampler_spec
 from diffuse.errors import DiffuseError, one_line_errors
 from diffuse.paths import CONFIG_DIR
 
+log = logging.getLogger("diffuse")
+
 
 def encode_prompts(cfg, tokenizer) -> list[list[int]]:
     prompts = cfg.get("prompt")
@@ -27,6 +34,22 @@ def encode_prompts(cfg, tokenizer) -> list[list[int]]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     texts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def check_context(train_cfg, prompts: list[list[int]], length: int, beyond: bool = False) -> None:
+    """BOS + the longest prompt + `length` must fit the checkpoint's trained `data.seq_len`."""
+    seq_len = (train_cfg.get("data") or {}).get("seq_len")
+    longest = max(map(len, prompts), default=0)
+    need = 1 + longest + length
+    if not seq_len or need <= int(seq_len):
+        return
+    what = f"BOS + a {longest}-token prompt + length={length}" if longest else f"BOS + length={length}"
+    if beyond:
+        log.warning("%s = %d positions, past the %d the model was trained on (data.seq_len): quality unknown",
+                    what, need, seq_len)
+        return
+    raise DiffuseError(f"{what} = {need} positions, past the model's trained context of data.seq_len={seq_len}; "
+                       f"ask for fewer tokens, or pass +beyond_context=true to sample there anyway (quality unknown)")
 
 
 @one_line_errors
@@ -38,6 +61,7 @@ def sample(cfg: DictConfig) -> list[dict]:
     module.to(pick_device(cfg.device))
     sampler = build_sampler(sampler_spec(cfg, train_cfg, module.objective), module.objective)
     prompts = encode_prompts(cfg, tokenizer)
+    check_context(train_cfg, prompts, int(cfg.length), bool(cfg.get("beyond_context", False)))
     records = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]

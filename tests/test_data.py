@@ -45,6 +45,26 @@ def test_pad_documents_one_per_row_truncated():
 
 
 # -- split and sampler ----------------------------------------------------------------------------
+def test_a_folder_contributes_its_text_files_only(corpus, tmp_path, monkeypatch):
+    """The rule of diffuse/data/sources.py: hidden paths and non-text files are skipped, the count logged."""
+    import diffuse.data.sources as sources
+
+    logged = []
+    monkeypatch.setattr(sources.log, "info", lambda msg, *a: logged.append(msg % a))
+    folder = tmp_path / "corpus"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    (folder / "sub").mkdir()
+    (folder / "a.txt").write_text(corpus.read_text())
+    (folder / "sub" / "B.TXT").write_text("Second file.\n")
+    (folder / "README").write_text("No suffix: text too.\n")
+    (folder / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("A notebook's hidden copy.\n")
+    (folder / ".hidden.txt").write_text("A hidden file.\n")
+    (folder / "conf.json").write_text('{"lr": 0.001}\n')
+    assert sources._files(str(folder)) == [folder / "README", folder / "a.txt", folder / "sub" / "B.TXT"]
+    assert logged == [f"data.path={folder}: 3 text file(s) read (skipped: 2 hidden; 1 not text (conf.json))"]
+    assert sources._files(str(folder / "conf.json")) == [folder / "conf.json"]  # named directly: read
+
+
 def test_split_is_deterministic_and_seeded(corpus, tmp_path):
     def split(seed):
         dd, fingerprint = TextSource(path=str(corpus), val_fraction=0.1).load(seed=seed, cache_dir=str(tmp_path))

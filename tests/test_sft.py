@@ -101,6 +101,32 @@ def test_bad_sft_files_fail_in_one_line(tmp_path):
         SFTSource(path="x", format="chatml")
 
 
+@pytest.mark.parametrize("bad,match", [
+    ({"prompt": "Q: ", "completion": None}, "row 3 has no 'completion'"),
+    ({"prompt": ["Q"], "completion": "A"}, "row 3 has prompt=\\['Q'\\] \\(list, not a string\\)"),
+])
+def test_completion_rows_need_string_prompt_and_completion(bad, match, tmp_path):
+    rows = completion_rows(2) + [bad] + completion_rows(3)
+    with pytest.raises(DiffuseError, match=match):
+        SFTSource(path=str(write_jsonl(tmp_path / "c.jsonl", rows))).load(0, str(tmp_path))
+
+
+def test_conversation_messages_need_string_role_and_content(tmp_path):
+    rows = conversation_rows(2) + [{"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}]
+    with pytest.raises(DiffuseError, match="row 3, message 1 has no 'role'"):
+        SFTSource(path=str(write_jsonl(tmp_path / "m.jsonl", rows))).load(0, str(tmp_path))
+
+
+def test_a_folder_of_jsonl_skips_hidden_and_other_files(tmp_path):
+    folder = tmp_path / "sft"
+    (folder / ".ipynb_checkpoints").mkdir(parents=True)
+    write_jsonl(folder / "train.jsonl", completion_rows(20))
+    write_jsonl(folder / ".ipynb_checkpoints" / "train-checkpoint.jsonl", [{"text": "not sft"}])
+    (folder / "notes.txt").write_text("not JSONL\n")
+    dd, _ = SFTSource(path=str(folder)).load(0, str(tmp_path))
+    assert len(dd["train"]) + len(dd["validation"]) == 20
+
+
 def test_packing_and_padding_carry_extra_columns():
     docs, marks = [[5, 6, 7], [8, 9]], [[1, 1, 0], [1, 0]]
     packed = pack_documents(docs, 4, 0, extra={"prompt_mask": marks})

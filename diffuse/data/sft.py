@@ -23,12 +23,39 @@ from diffuse.errors import DiffuseError
 from diffuse.registry import DATASETS
 
 FORMATS = ("auto", "completion", "conversation")
+JSONL_SUFFIXES = (".jsonl", ".json")  # what a data.path folder contributes (hidden paths skipped)
 
 
 def plain_chat(messages: list[dict], add_generation_prompt: bool) -> str:
     """The plain template: one `role: content` line per message; a generation prompt is `assistant: `."""
     text = "".join(f"{m['role']}: {m['content']}\n" for m in messages)
     return text + ("assistant: " if add_generation_prompt else "")
+
+
+def _not_a_string(key: str, value) -> str:
+    return f"no {key!r}" if value is None else f"{key}={repr(value)[:40]} ({type(value).__name__}, not a string)"
+
+
+def check_rows(ds: datasets.Dataset, fmt: str, names: str) -> None:
+    """Every row has the strings its format needs; the first that does not is named (rows count from 1)."""
+    if fmt == "completion":
+        for i, pair in enumerate(zip(ds["prompt"], ds["completion"]), 1):
+            for key, value in zip(("prompt", "completion"), pair):
+                if not isinstance(value, str):
+                    raise DiffuseError(f"data file {names}: row {i} has {_not_a_string(key, value)}; "
+                                       "every row needs a string 'prompt' and 'completion'")
+        return
+    for i, msgs in enumerate(ds["messages"], 1):
+        if not isinstance(msgs, list) or not msgs:
+            raise DiffuseError(f"data file {names}: row {i} has no messages")
+        for j, m in enumerate(msgs, 1):
+            for key in ("role", "content"):
+                value = m.get(key) if isinstance(m, dict) else None
+                if not isinstance(value, str):
+                    raise DiffuseError(f"data file {names}: row {i}, message {j} has {_not_a_string(key, value)}; "
+                                       "every message needs a string 'role' and 'content'")
+        if msgs[-1]["role"] != "assistant":
+            raise DiffuseError(f"data file {names}: row {i} does not end with an assistant message")
 
 
 @DATASETS.register("sft")
@@ -41,12 +68,12 @@ class SFTSource:
         self.path, self.val_path, self.format, self.val_fraction = path, val_path, format, val_fraction
 
     def load(self, seed: int, cache_dir: str) -> tuple[datasets.DatasetDict, str]:
-        files = _files(self.path)
+        files = _files(self.path, JSONL_SUFFIXES, "JSONL")
         train = self._read(files)
         if self.val_path is None:
             dd = _split(train, self.val_fraction, seed)
         else:
-            dd = datasets.DatasetDict(train=train, validation=self._read(_files(self.val_path)))
+            dd = datasets.DatasetDict(train=train, validation=self._read(_files(self.val_path, JSONL_SUFFIXES, "JSONL")))
         key = hashlib.sha1(f"{fingerprint_files(files)}|{self.format}".encode()).hexdigest()
         return dd, key
 
@@ -57,13 +84,10 @@ class SFTSource:
         except Exception as err:
             raise DiffuseError(f"data.path={names} is not readable JSONL ({type(err).__name__})") from None
         fmt = self._format_of(ds.column_names, names)
+        check_rows(ds, fmt, names)
         if fmt == "completion":
             return ds.map(lambda r: {"prompt": r["prompt"], "text": r["prompt"] + r["completion"]},
                           remove_columns=ds.column_names)
-        for i, row in enumerate(ds):
-            msgs = row["messages"]
-            if not msgs or msgs[-1].get("role") != "assistant":
-                raise DiffuseError(f"data file {names}: row {i} does not end with an assistant message")
         # plain rendering now (it trains a BPE tokenizer); `render` redoes it with a chat template
         return ds.map(lambda r: {"prompt": plain_chat(r["messages"][:-1], True),
                                  "text": plain_chat(r["messages"][:-1], True) + r["messages"][-1]["content"]})

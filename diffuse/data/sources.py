@@ -5,12 +5,15 @@ and `train` / `validation` splits; the DataModule does the rest (tokenize, pack)
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 
 import datasets
 
 from diffuse.errors import DiffuseError
 from diffuse.registry import DATASETS
+
+log = logging.getLogger("diffuse")
 
 
 def _split(ds: datasets.Dataset, val_fraction: float, seed: int) -> datasets.DatasetDict:
@@ -22,18 +25,44 @@ def _split(ds: datasets.Dataset, val_fraction: float, seed: int) -> datasets.Dat
     return datasets.DatasetDict(train=parts["train"], validation=parts["test"])
 
 
-def _files(path) -> list[Path]:
-    """Expand a file, folder or list of them; fail with the culprit's name if missing/empty/not UTF-8."""
+# In a folder, the files read as text: these suffixes (any case) and files with none. A file named
+# directly is always read. Hidden files and anything under a hidden folder (.git/, .ipynb_checkpoints/)
+# are skipped; what was read and skipped is logged.
+TEXT_SUFFIXES = ("", ".txt", ".text", ".md", ".rst", ".raw", ".tokens")
+
+
+def _folder_files(folder: Path, suffixes: tuple[str, ...], kind: str) -> list[Path]:
+    found, hidden, other = [], 0, []
+    for f in sorted(folder.rglob("*")):
+        if not f.is_file():
+            continue
+        rel = f.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts):
+            hidden += 1
+        elif f.suffix.lower() in suffixes:
+            found.append(f)
+        else:
+            other.append(str(rel))
+    skipped = ([f"{hidden} hidden"] if hidden else []) + (
+        [f"{len(other)} not {kind} ({', '.join(other[:3])}{', …' if len(other) > 3 else ''})"] if other else [])
+    note = f" (skipped: {'; '.join(skipped)})" if skipped else ""
+    if not found:
+        wanted = ", ".join(s or "no suffix" for s in suffixes)
+        raise DiffuseError(f"data.path={folder} is a folder with no {kind} files ({wanted}){note}")
+    log.info("data.path=%s: %d %s file(s) read%s", folder, len(found), kind, note)
+    return found
+
+
+def _files(path, suffixes: tuple[str, ...] = TEXT_SUFFIXES, kind: str = "text") -> list[Path]:
+    """Expand a file, folder or list of them; fail with the culprit's name if missing/empty/not UTF-8.
+    In a folder only `suffixes` are read, hidden paths skipped (see TEXT_SUFFIXES)."""
     paths = [path] if isinstance(path, (str, Path)) else list(path or [])
     if not paths:
         raise DiffuseError("data.path is empty: give a text file or a folder (data.path=/path/to/text)")
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith("."))
-            if not found:
-                raise DiffuseError(f"data.path={p} is a folder with no files")
-            files += found
+            files += _folder_files(p, suffixes, kind)
         elif p.is_file():
             files.append(p)
         else:

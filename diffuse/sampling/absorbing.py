@@ -48,6 +48,7 @@ from diffuse.errors import DiffuseError
 from diffuse.sampling.base import (
     RowCost,
     SampleOutput,
+    check_temperature,
     masked_canvas,
     rand_rows,
     row_generators,
@@ -140,7 +141,7 @@ class AbsorbingSampler:
             raise DiffuseError(f"sampler.block_length={block_length} must be positive (or null: one block)")
         if cfg_scale < 0:
             raise DiffuseError(f"sampler.cfg_scale={cfg_scale} must be ≥ 0")
-        self.rule, self.steps, self.temperature, self.eps = rule, int(steps), float(temperature), eps
+        self.rule, self.steps, self.temperature, self.eps = rule, int(steps), check_temperature(temperature), eps
         self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
         self.block_length = None if block_length is None else int(block_length)
         self.cfg_scale = float(cfg_scale)

@@ -11,7 +11,7 @@ import torch
 from diffuse.contracts import AUTOREGRESSIVE
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
-from diffuse.sampling.base import SampleOutput, row_generators, sample_tokens, trim_at_eos
+from diffuse.sampling.base import SampleOutput, check_temperature, row_generators, sample_tokens, trim_at_eos
 
 
 @SAMPLERS.register("ar")
@@ -23,7 +23,9 @@ class ARSampler:
     def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
         if top_p is not None and not 0.0 < top_p <= 1.0:
             raise DiffuseError(f"sampler.top_p={top_p} must lie in (0, 1]")
-        self.temperature, self.top_k, self.top_p = float(temperature), top_k, top_p
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+            raise DiffuseError(f"sampler.top_k={top_k} must be a positive integer (or null: no top-k)")
+        self.temperature, self.top_k, self.top_p = check_temperature(temperature), top_k, top_p
 
     def filter(self, logp: torch.Tensor) -> torch.Tensor:
         if self.top_k:

@@ -69,6 +69,14 @@ def gumbel_rows(gens, shape, device) -> torch.Tensor:
     return -torch.log(-torch.log(u))
 
 
+def check_temperature(temperature) -> float:
+    """`sampler.temperature` (or `temperature=`): a number ≥ 0, 0 meaning argmax. A negative one would be
+    taken for argmax too by `sample_tokens`, silently: it is refused instead."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+        raise DiffuseError(f"sampler.temperature={temperature} must be a number ≥ 0 (0: argmax)")
+    return float(temperature)
+
+
 def sample_tokens(logp: torch.Tensor, temperature: float, gens, active: torch.Tensor | None = None) -> torch.Tensor:
     """Draw from softmax(logp / T) with the Gumbel-max trick (T = 0: argmax). Only `active` rows draw
     (the others get the argmax): a row waiting for the rest of its batch must not use up its random
