@@ -48,8 +48,18 @@ def safe_load(path, key: str, map_location="cpu", mmap: bool = False):
         raise DiffuseError(f"{key}={path} is not a readable checkpoint ({type(err).__name__})") from None
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a rename inside `folder` durable."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Write to a temporary file in the same folder, then rename: a crash never leaves half a file."""
+    """Write to a temporary file in the same folder, fsync it, rename, fsync the folder: a crash (or a
+    power loss) leaves the old file or the new one, never half of one; a failed write leaves no temp file."""
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         """Lightning's resume (`trainer.fit(ckpt_path=…)`) reads through here, as safely as every other
@@ -60,8 +70,16 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        torch.save(checkpoint, tmp)
-        os.replace(tmp, path)
+        try:
+            with open(tmp, "wb") as f:
+                torch.save(checkpoint, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(path.parent)
 
 
 def read_checkpoint(ckpt_path: str, key: str, map_location="cpu", mmap: bool = False) -> dict:
