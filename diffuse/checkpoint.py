@@ -112,7 +112,8 @@ def load_run(ckpt_path: str, map_location="cpu", key: str = "ckpt"):
     cfg = OmegaConf.create(meta["config"])
     tokenizer = tokenizer_from_state(meta["tokenizer"])
     module = build_module(cfg, tokenizer, run_config=meta["config"], legacy=True)
-    module.load_state_dict(ckpt["state_dict"])
+    from diffuse.ema import inference_state_dict  # the EMA weights when the run averaged them (callbacks=ema)
+    module.load_state_dict(inference_state_dict(ckpt))
     module.eval()
     return cfg, tokenizer, module
 

@@ -108,6 +108,11 @@ class DiffusionLM(L.LightningModule):
             "tokenizer": tokenizer_state(self.tokenizer) if self.tokenizer is not None else None,
         }
 
+    def on_load_checkpoint(self, checkpoint):
+        from diffuse.ema import resume_without_ema
+
+        resume_without_ema(self._trainer, checkpoint)  # an EMA checkpoint resumed without EMA: the raw weights
+
     # -- sampling -------------------------------------------------------------------------------
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], length: int, seed: int = 0, sampler=None):
