@@ -17,6 +17,20 @@ from diffuse.noise import noise_generator, training_stream, validation_stream
 LR_SCHEDULE_KEYS = ("warmup_steps", "min_lr_ratio", "total_steps")
 
 
+def accepts_keyword(target: str, name: str) -> bool:
+    """Whether the class or function `target` takes the keyword `name` (True when it cannot be resolved: the
+    error then comes from instantiate, naming the target)."""
+    import importlib
+    import inspect
+
+    module, _, attr = str(target).rpartition(".")
+    try:
+        params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+    except Exception:
+        return True
+    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
 class DiffusionLM(L.LightningModule):
     def __init__(self, backbone, objective, regularizers=(), optim: dict | None = None, seed: int = 0,
                  sampler=None, tokenizer=None, run_config: dict | None = None):
@@ -83,6 +97,8 @@ class DiffusionLM(L.LightningModule):
         spec.setdefault("_target_", "torch.optim.AdamW")  # checkpoints written before optim._target_
         if "betas" in spec:
             spec["betas"] = tuple(spec["betas"])
+        if "fused" in spec and not accepts_keyword(spec["_target_"], "fused"):
+            spec.pop("fused")  # an optimizer without a fused kernel: diffuse.guard skips its bad steps with a host sync
         # the decay group takes the optimizer's weight_decay; norms, biases and embeddings take none
         opt = instantiate(spec, [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], _convert_="all")
         warmup, total = int(o.get("warmup_steps", 0)), int(o.get("total_steps") or 0)
@@ -102,7 +118,9 @@ class DiffusionLM(L.LightningModule):
     # -- checkpoints carry what is needed to rebuild the run --------------------------------------
     def on_save_checkpoint(self, checkpoint):
         from diffuse.data.tokenizers import tokenizer_state
+        from diffuse.guard import check_finite_checkpoint
 
+        check_finite_checkpoint(checkpoint)  # runs after the callbacks' hooks (EMA): never write non-finite weights
         checkpoint["diffuse"] = {
             "config": self.run_config,
             "tokenizer": tokenizer_state(self.tokenizer) if self.tokenizer is not None else None,
