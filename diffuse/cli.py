@@ -4,6 +4,7 @@ the `data.*` keys given on the command line. Entry points import this, never eac
 from __future__ import annotations
 
 import inspect
+import logging
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -11,6 +12,8 @@ from hydra.core.hydra_config import HydraConfig
 from diffuse.build import as_dict
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
+
+log = logging.getLogger("diffuse")
 
 SHORTHANDS = ("steps", "temperature")  # `steps=32` on the command line means `sampler.steps=32`
 
@@ -33,6 +36,22 @@ def sampler_spec(cfg, train_cfg, objective, shorthands=SHORTHANDS) -> dict:
         if cfg.get(key) is not None and key in accepted:
             spec[key] = cfg[key]
     return spec
+
+
+def check_context(train_cfg, prompts: list[list[int]], length: int, beyond: bool = False) -> None:
+    """BOS + the longest prompt + `length` must fit the checkpoint's trained `data.seq_len`."""
+    seq_len = (train_cfg.get("data") or {}).get("seq_len")
+    longest = max(map(len, prompts), default=0)
+    need = 1 + longest + length
+    if not seq_len or need <= int(seq_len):
+        return
+    what = f"BOS + a {longest}-token prompt + length={length}" if longest else f"BOS + length={length}"
+    if beyond:
+        log.warning("%s = %d positions, past the %d the model was trained on (data.seq_len): quality unknown",
+                    what, need, seq_len)
+        return
+    raise DiffuseError(f"{what} = {need} positions, past the model's trained context of data.seq_len={seq_len}; "
+                       f"ask for fewer tokens, or pass +beyond_context=true to sample there anyway (quality unknown)")
 
 
 def overridden_data_keys() -> set[str]:

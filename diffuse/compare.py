@@ -30,7 +30,7 @@ def compare(cfg: DictConfig) -> dict:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(cfg.device)
-    a, b = load_checkpoint(cfg.a, device), load_checkpoint(cfg.b, device)
+    a, b = load_checkpoint(cfg.a, device, key="a"), load_checkpoint(cfg.b, device, key="b")
     judge = build_judge(cfg.judge, cfg.judge_model, device,
                         candidates=[(f"A ({cfg.a})", a.module, a.tokenizer), (f"B ({cfg.b})", b.module, b.tokenizer)])
     data_cfg = eval_data_config(as_dict(a.cfg.data), as_dict(cfg.get("data")), overridden_data_keys())

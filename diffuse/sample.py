@@ -10,7 +10,6 @@ Mamba-2 runs there, with unknown quality). `+beyond_context=true` samples past i
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 
@@ -20,11 +19,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffuse.build import build_sampler
 from diffuse.checkpoint import load_run
-from diffuse.cli import pick_device, sampler_spec
+from diffuse.cli import check_context, pick_device, sampler_spec
 from diffuse.errors import DiffuseError, one_line_errors
 from diffuse.paths import CONFIG_DIR
-
-log = logging.getLogger("diffuse")
 
 
 def encode_prompts(cfg, tokenizer) -> list[list[int]]:
@@ -34,22 +31,6 @@ def encode_prompts(cfg, tokenizer) -> list[list[int]]:
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     texts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]
     return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-
-
-def check_context(train_cfg, prompts: list[list[int]], length: int, beyond: bool = False) -> None:
-    """BOS + the longest prompt + `length` must fit the checkpoint's trained `data.seq_len`."""
-    seq_len = (train_cfg.get("data") or {}).get("seq_len")
-    longest = max(map(len, prompts), default=0)
-    need = 1 + longest + length
-    if not seq_len or need <= int(seq_len):
-        return
-    what = f"BOS + a {longest}-token prompt + length={length}" if longest else f"BOS + length={length}"
-    if beyond:
-        log.warning("%s = %d positions, past the %d the model was trained on (data.seq_len): quality unknown",
-                    what, need, seq_len)
-        return
-    raise DiffuseError(f"{what} = {need} positions, past the model's trained context of data.seq_len={seq_len}; "
-                       f"ask for fewer tokens, or pass +beyond_context=true to sample there anyway (quality unknown)")
 
 
 @one_line_errors

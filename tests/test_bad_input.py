@@ -174,3 +174,14 @@ def test_bad_sft_rows_are_a_one_line_error(case, tmp_path):
 def test_sampling_from_a_file_that_is_not_a_checkpoint(corpus, tmp_path):
     result = call_main("diffuse.sample", f"ckpt={corpus}", "num_samples=1", f"hydra.run.dir={tmp_path}")
     assert_one_line_error(result, f"ckpt={corpus}", "not a readable checkpoint")
+
+
+def test_evaluate_refuses_a_length_past_the_trained_context_and_compare_names_its_key(debug_run, tmp_path):
+    ckpt = debug_run / "checkpoints" / "last.ckpt"
+    result = call_main("diffuse.evaluate", f"ckpt={ckpt}", "length=500", "likelihood=false", "progress=false",
+                       f"hydra.run.dir={tmp_path / 'eval'}")
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1 and "length=500" in lines[0] and "seq_len" in lines[0], result
+    result = call_main("diffuse.compare", f"a={ckpt}", f"b={tmp_path}", f"hydra.run.dir={tmp_path / 'cmp'}")
+    lines = error_lines(result.stderr)
+    assert result.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"error: b={tmp_path} is a folder"), result

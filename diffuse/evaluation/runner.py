@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from diffuse.build import DATAMODULE_KEYS, as_dict, build_datamodule
 from diffuse.checkpoint import load_run
-from diffuse.cli import sampler_spec
+from diffuse.cli import check_context, sampler_spec
 from diffuse.contracts import is_autoregressive
 from diffuse.errors import DiffuseError
 from diffuse.evaluation.likelihood import evaluate_likelihood
@@ -35,8 +35,8 @@ class Checkpoint:
         return is_autoregressive(self.module.objective)
 
 
-def load_checkpoint(path: str, device) -> Checkpoint:
-    cfg, tokenizer, module = load_run(str(path))
+def load_checkpoint(path: str, device, key: str = "ckpt") -> Checkpoint:
+    cfg, tokenizer, module = load_run(str(path), key=key)
     return Checkpoint(str(path), cfg, tokenizer, module.to(device))
 
 
@@ -102,6 +102,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, settings, data_cfg: dict, judge, cache
                                                    seed, track=track, total=total)
 
     if int(settings.num_samples) > 0:
+        check_context(ckpt.cfg, [[]], int(settings.length), bool(settings.get("beyond_context", False)))
         if judge is None:
             result["notes"].append("gen-PPL skipped: no judge (give judge=PATH to an autoregressive diffuse "
                                    "checkpoint, or judge=hf judge_model=…)")
