@@ -115,6 +115,7 @@ def test_steps_replayed_after_a_resume_appear_once_in_metrics_csv(corpus, tmp_pa
     counts = Counter(int(r["step"]) for r in csv_rows(run_dir))
     assert counts and max(counts.values()) == 1, counts
     assert max(counts) >= 5
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]  # no last-v1
 
 
 def test_changed_optimisation_keys_are_said_used_and_recorded(corpus, tmp_path):
