@@ -14,7 +14,8 @@ import lightning as L
 class Throughput(L.Callback):
     """Logs `train/tokens_per_sec` and `train/epochs` (passes over the training split) every
     `log_every_n_steps` (no per-step device sync); the run
-    average, excluding the first step (compilation, warm-up), is kept for metrics.json."""
+    average, excluding the first step (compilation, warm-up), is kept for metrics.json. With several
+    processes the tokens are all ranks' (each reads a batch of the same shape), timed on this rank."""
 
     def __init__(self):
         self.tokens = 0
@@ -29,7 +30,7 @@ class Throughput(L.Callback):
             self.window_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        n = batch["input_ids"].numel()
+        n = batch["input_ids"].numel() * trainer.world_size
         if self.run_start is None:  # the first step pays for warm-up: start counting after it
             self.run_start = time.perf_counter()
             self.window_start, self.window_tokens = self.run_start, 0
@@ -61,8 +62,8 @@ class Throughput(L.Callback):
             self.average = self.run_tokens / max(time.perf_counter() - self.run_start, 1e-9)
 
 
-def write_metrics_json(path: str | Path, metrics: dict) -> dict:
-    """Flat {name: float}; written atomically."""
+def flat_metrics(metrics: dict) -> dict:
+    """{name: float or None (non-finite)} of the values that are numbers."""
     flat = {}
     for k, v in metrics.items():
         try:
@@ -70,8 +71,15 @@ def write_metrics_json(path: str | Path, metrics: dict) -> dict:
         except (TypeError, ValueError):
             continue
         flat[k] = v if math.isfinite(v) else None
+    return flat
+
+
+def write_metrics_json(path: str | Path, metrics: dict) -> dict:
+    """Flat {name: float}; written atomically (a temporary file of this process's own, then a rename).
+    The training entry point calls it on global rank 0 only."""
+    flat = flat_metrics(metrics)
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
     return flat

@@ -50,7 +50,10 @@ class DiffusionLM(L.LightningModule):
     # -- steps ----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
-        gen = noise_generator(self.seed, training_stream(self.global_step, batch_idx, accumulate), self.device)
+        rank, world = self._rank_and_world()
+        # every rank seeds the same stream and keeps its rows of the global batch's draws (diffuse/noise.py)
+        gen = noise_generator(self.seed, training_stream(self.global_step, batch_idx, accumulate), self.device,
+                              rank=rank, world_size=world)
         for component in (self.objective, *self.regularizers):  # curricula and annealing read it
             component.global_step = self.global_step
         out = self.objective.loss(self.backbone, batch, gen, train=True)
@@ -61,16 +64,36 @@ class DiffusionLM(L.LightningModule):
             total = total + reg_loss
             for k, v in reg_logs.items():  # two regularizers logging one name: the later ones get their index
                 logs[f"train/{k}" if f"train/{k}" not in logs else f"train/{k}_{i}"] = v
-        if out.token_correct is not None and out.token_correct.numel():
+        if out.token_correct is not None and (out.token_correct.numel() or world > 1):  # ranks log the same keys
             logs["train/accuracy"] = out.token_correct.mean()
             logs["train/confidence"] = out.token_confidence.mean()
         logs["train/loss"] = total
+        if world > 1:  # log what one process over the global batch would (one small all-reduce a step)
+            logs = self._mean_over_ranks(logs, out)
         self.log_dict(logs, on_step=True, on_epoch=False, batch_size=batch["input_ids"].shape[0])
         return total
 
+    def _rank_and_world(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+
+    def _mean_over_ranks(self, logs: dict, out) -> dict:
+        """The logged values over all ranks, in one all-reduce: the mean over ranks (the loss's is what DDP's
+        averaged gradient descends), accuracy and confidence over all predicted tokens."""
+        names = list(logs)
+        sums = [torch.as_tensor(logs[k], device=self.device).detach().float().reshape(()) for k in names]
+        weights = torch.ones(len(names), device=self.device)  # filled on the device: no host copy, no sync
+        if "train/accuracy" in logs:  # token-weighted: a rank may have no predicted token (its mean is NaN)
+            for key, per_token in (("train/accuracy", out.token_correct), ("train/confidence", out.token_confidence)):
+                i = names.index(key)
+                sums[i], weights[i] = per_token.detach().float().sum(), per_token.numel()
+        total = self.trainer.strategy.reduce(torch.stack([torch.stack(sums), weights]), reduce_op="sum")
+        return dict(zip(names, (total[0] / total[1]).unbind()))
+
     def validation_step(self, batch, batch_idx):
-        # a fixed noise stream per validation batch: val/nelbo is comparable across evaluations
-        gen = noise_generator(self.seed, validation_stream(batch_idx), self.device)
+        # a fixed noise stream per validation batch: val/nelbo is comparable across evaluations. With W ranks,
+        # this rank's batch batch_idx is the global batch batch_idx·W + rank (TextDataModule.val_dataloader)
+        rank, world = self._rank_and_world()
+        gen = noise_generator(self.seed, validation_stream(batch_idx * world + rank), self.device)
         out = self.objective.loss(self.backbone, batch, gen, train=False)
         self.val_nelbo.update(out.nll_sum, out.n_tokens)
         if out.token_correct is not None:
@@ -80,8 +103,10 @@ class DiffusionLM(L.LightningModule):
         values = {f"val/{k}": v for k, v in self.val_nelbo.compute().items()}
         values.update({f"val/{k}": v for k, v in self.val_accuracy.compute().items()})
         shown = {"val/nelbo", "val/bpt"}
-        self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True)
-        self.log_dict({k: v for k, v in values.items() if k not in shown})
+        # compute() already summed the metric states over the ranks (torchmetrics syncs on compute), so every
+        # rank holds the global value; sync_dist only averages those identical copies (and tells Lightning so)
+        self.log_dict({k: v for k, v in values.items() if k in shown}, prog_bar=True, sync_dist=True)
+        self.log_dict({k: v for k, v in values.items() if k not in shown}, sync_dist=True)
         self.val_nelbo.reset()
         self.val_accuracy.reset()
         self.last_val_step = self.global_step

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import subprocess
 from pathlib import Path
 
 import hydra
@@ -17,13 +18,35 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from diffuse.build import build_datamodule, build_module, check_checkpoint_fits
-from diffuse.callbacks import Throughput, write_metrics_json
+from diffuse.callbacks import Throughput, flat_metrics, write_metrics_json
 from diffuse.checkpoint import AtomicCheckpointIO, checkpoint_tokenizer, read_checkpoint
 from diffuse import rundir
-from diffuse.errors import one_line_errors
+from diffuse.errors import DiffuseError, one_line_errors
 from diffuse.paths import CONFIG_DIR
 
 log = logging.getLogger("diffuse")
+
+
+def refuse_spawned_ranks(trainer: L.Trainer) -> None:
+    """ddp_spawn / ddp_fork / ddp_notebook run fit() in workers and hand back only the weights: this process's
+    trainer never sees their steps, loops, optimizer or metrics (it would validate and save a step-0 state)."""
+    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
+
+    if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
+        raise DiffuseError("trainer.strategy: ddp_spawn, ddp_fork and ddp_notebook are not supported (the main "
+                           "process never sees the workers' training state); use trainer=ddp")
+
+
+def wait_for_other_ranks(trainer: L.Trainer, timeout: float = 300.0) -> None:
+    """On the rank that Lightning's launcher started the others from: a rank that failed fails the run."""
+    for local_rank, proc in enumerate(getattr(trainer.strategy.launcher, "procs", None) or [], start=1):
+        try:
+            code = proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise DiffuseError(f"local rank {local_rank} (pid {proc.pid}) did not exit {timeout:.0f} s after training")
+        if code:
+            raise DiffuseError(f"local rank {local_rank} (pid {proc.pid}) exited with code {code}; its log is "
+                               f"train_ddp_process_{local_rank}.log in the run dir")
 
 
 @one_line_errors
@@ -73,6 +96,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                 logger.forget_steps_from(resumed_at)
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
                                      plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+    refuse_spawned_ranks(trainer)
     dm.accumulate = trainer.accumulate_grad_batches
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
@@ -86,6 +110,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     speed = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
     if speed is not None and math.isfinite(speed.average):  # NaN: no step trained (a finished run resumed)
         metrics["train/tokens_per_sec"] = speed.average
+    if not trainer.is_global_zero:  # files, the log line and samples are rank 0's; the values are the same on every rank
+        return flat_metrics(metrics)
     if resumed_at is not None:  # what this run did not measure again stays as the earlier run wrote it
         metrics = rundir.merge_metrics(run_dir / "metrics.json", metrics)
     flat = write_metrics_json(run_dir / "metrics.json", metrics)
@@ -98,6 +124,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         for i, (row, n) in enumerate(zip(out.tokens.tolist(), out.lengths.tolist())):
             text = tokenizer.decode(row[:n], skip_special_tokens=True)
             print(f"--- sample {i} ({n} tokens, {out.nfe} forward passes) ---\n{text}")
+    wait_for_other_ranks(trainer)
     return flat
 
 

@@ -20,7 +20,12 @@ from diffuse.registry import DATASETS, TOKENIZERS
 
 class ResumableRandomSampler(Sampler[int]):
     """Endless stream of indices: epoch e is a permutation seeded by (seed, e). `start` skips the
-    first `start` indices of the stream without loading any data."""
+    first `start` indices of the stream (per rank) without loading any data.
+
+    With W ranks the ranks interleave over the one stream: rank r yields positions start·W + r + W·i. With
+    batches of b rows, row i of rank r's step-s batch is stream position s·W·b + r + W·i, i.e. row i·W + r of
+    the batch one process with batches of W·b rows reads at step s: the same rows in the same order, which
+    the sharded training noise (diffuse/noise.py) relies on."""
 
     def __init__(self, n: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.start = n, seed, start
@@ -36,6 +41,33 @@ class ResumableRandomSampler(Sampler[int]):
                 yield perm[offset]
                 offset += self.world_size
             epoch, offset = epoch + 1, offset - self.n
+
+
+class ValidationShard(Sampler[list[int]]):
+    """Rank r's validation batches with W ranks: the batches one process reads (batch k = rows
+    [k·E, (k+1)·E)), k = r, r + W, …, so the ranks' metric sums add up to one process's. An integer
+    `limit` (trainer.limit_val_batches) counts the global batches, as in one process; Lightning's own limit then
+    never bites (each rank has fewer batches)."""
+
+    def __init__(self, n: int, batch_size: int, rank: int, world_size: int, limit=None):
+        total = -(-n // batch_size)
+        if isinstance(limit, float) and limit not in (0.0, 1.0):
+            raise DiffuseError(f"trainer.limit_val_batches={limit}: with {world_size} processes give a number of "
+                               "batches (a fraction would apply to each process's share)")
+        if isinstance(limit, int):
+            total = min(total, limit)
+        if 0 < total < world_size:
+            raise DiffuseError(f"validation has {total} batch(es) of data.eval_batch_size={batch_size} for {world_size} "
+                               "processes: every process needs one (lower data.eval_batch_size or raise "
+                               "trainer.limit_val_batches)")
+        self.batches = [list(range(k * batch_size, min(n, (k + 1) * batch_size)))
+                        for k in range(rank, total, world_size)]
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
 
 
 class TextDataModule(L.LightningDataModule):
@@ -134,11 +166,19 @@ class TextDataModule(L.LightningDataModule):
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         sampler = ResumableRandomSampler(len(ds), self.seed, start=step * self.accumulate * self.batch_size,
                                          rank=rank, world_size=world)
+        if world > 1 and "validation" in self.splits:  # a validation that cannot be sharded fails now, not at its turn
+            ValidationShard(len(self.splits["validation"]), self.eval_batch_size, rank, world, trainer.limit_val_batches)
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           drop_last=True, persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self):
-        return DataLoader(self.splits["validation"], batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        ds = self.splits["validation"]
+        trainer = self.trainer
+        world = trainer.world_size if trainer is not None else 1
+        if world == 1:
+            return DataLoader(ds, batch_size=self.eval_batch_size, num_workers=self.num_workers)
+        sampler = ValidationShard(len(ds), self.eval_batch_size, trainer.global_rank, world, trainer.limit_val_batches)
+        return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers)
 
     def test_dataloader(self):
         return self.val_dataloader()

@@ -22,6 +22,7 @@ from torch import nn
 
 from diffuse.contracts import ABSORBING
 from diffuse.errors import DiffuseError
+from diffuse.noise import batch_draw
 from diffuse.objectives.base import LossOutput, SpecialTokens, antithetic_uniform
 from diffuse.objectives.losses import selected_cross_entropy
 from diffuse.schedules import Schedule
@@ -91,7 +92,7 @@ class AbsorbingObjective(nn.Module):
         return self.t_from_uniform(u, train)
 
     def draw_noise(self, x0: torch.Tensor, generator=None) -> torch.Tensor:
-        return torch.rand(x0.shape, device=x0.device, generator=generator)
+        return batch_draw(torch.rand, x0.shape, generator, device=x0.device)
 
     def corrupt(self, x0, t, noise, batch) -> torch.Tensor:
         """Mask where noise < p(t): the same noise at two times gives nested (coupled) masks."""

@@ -32,6 +32,7 @@ from torch import nn
 
 from diffuse.contracts import GAUSSIAN
 from diffuse.errors import DiffuseError
+from diffuse.noise import batch_draw
 from diffuse.objectives.base import LossOutput, SpecialTokens, antithetic_uniform, predicted_token_stats
 from diffuse.registry import OBJECTIVES
 from diffuse.schedules import Schedule
@@ -116,7 +117,7 @@ class ContinuousEmbedding(nn.Module):
         return k / self.num_timesteps
 
     def draw_noise(self, x0: torch.Tensor, generator=None) -> torch.Tensor:
-        return torch.randn(x0.shape, device=x0.device, generator=generator, dtype=x0.dtype)
+        return batch_draw(torch.randn, x0.shape, generator, device=x0.device, dtype=x0.dtype)
 
     def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
         """ᾱ(t) in float64 (1 − ᾱ near t = 1/T is below float32's resolution for the cosine schedule)."""

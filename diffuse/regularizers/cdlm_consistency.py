@@ -17,12 +17,14 @@ grid, else this regularizer's `num_timesteps`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from torch import nn
 
 from diffuse.contracts import NOISING_HOOKS
 from diffuse.errors import DiffuseError
+from diffuse.noise import batch_draw
 from diffuse.registry import REGULARIZERS
 
 
@@ -75,7 +77,8 @@ class CDLMConsistency(nn.Module):
         x0 = clean(backbone, batch) if clean is not None else batch["input_ids"]
         ids = batch["input_ids"]
         t_early = objective.sample_t(ids, generator, train=True)
-        delta = torch.randint(self.delta_min, self.delta_max + 1, (ids.shape[0], 1), device=ids.device, generator=generator)
+        delta = batch_draw(partial(torch.randint, self.delta_min, self.delta_max + 1), (ids.shape[0], 1), generator,
+                           device=ids.device)
         eps = float(getattr(objective, "eps", 1.0 / T))
         t_late = (t_early - delta.to(t_early.dtype) / T).clamp_min(eps)
         noise = objective.draw_noise(x0, generator)
