@@ -104,7 +104,8 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     if module.last_val_step != trainer.global_step:  # metrics.json reports the final weights
         trainer.validate(module, datamodule=dm, verbose=False)
     last = run_dir / "checkpoints" / "last.ckpt"
-    trainer.save_checkpoint(str(last))  # the final state, whatever the checkpoint interval
+    # the full final state (optimizer too), whatever the checkpoint interval; every rank calls it, rank 0 writes
+    trainer.save_checkpoint(str(last), weights_only=False)
 
     metrics = {**fit_metrics, **trainer.callback_metrics}
     speed = next((c for c in trainer.callbacks if isinstance(c, Throughput)), None)
