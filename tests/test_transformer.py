@@ -69,7 +69,7 @@ def test_kv_cache_gives_the_same_logits_as_a_full_forward():
     seg[1, :3] = 0  # a left-padded row, as the AR sampler builds them
     x[1, :3] = SPECIAL.pad
     full = logits(model, x, segment_ids=seg, causal=True)
-    cache = model.new_cache()
+    cache = model.new_cache(max_length=12)
     with torch.no_grad():
         steps = [model.logits(model(ids=x[:, :5], segment_ids=seg[:, :5], causal=True, cache=cache))]
         for j in range(5, 12):

@@ -298,5 +298,6 @@ class Mamba2(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
 
-    def new_cache(self) -> Mamba2Cache:
+    def new_cache(self, max_length: int | None = None) -> Mamba2Cache:
+        """An empty recurrent cache; its state has a fixed size, so `max_length` is accepted and ignored."""
         return Mamba2Cache()

@@ -1,13 +1,11 @@
 """A small transformer you can read top to bottom: RoPE, SwiGLU, RMSNorm, PyTorch SDPA attention.
 
 Bidirectional by default; causal when the objective says so. Optional timestep conditioning (added
-to the token embeddings) for objectives whose network sees t. A KV cache makes AR decoding cost one
-position per new token.
+to the token embeddings) for objectives whose network sees t. A pre-allocated (static) KV cache makes
+AR decoding cost one position per new token, with no reallocation as the sequence grows.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +23,51 @@ from diffuse.models.layers import (
 from diffuse.registry import MODELS
 
 
-@dataclass
 class KVCache:
-    """Keys/values per layer plus the segment ids of every cached position."""
+    """Static KV cache: keys/values [B, H, capacity, head_dim] per layer and the key segment ids
+    [B, capacity], allocated on the first call (batch, dtype and device of that call) and written in
+    place at the current offset; attention reads the filled prefix [:length] only.
 
-    keys: list = field(default_factory=list)
-    values: list = field(default_factory=list)
-    segment_ids: torch.Tensor | None = None
+    A forward call first `extend`s the segment ids (once, for all layers), then each layer `update`s.
+    """
 
-    @property
-    def length(self) -> int:
-        return 0 if self.segment_ids is None else self.segment_ids.shape[1]
+    def __init__(self, capacity: int):
+        if capacity <= 0:
+            raise DiffuseError(f"a KV cache needs a positive capacity (max_length={capacity})")
+        self.capacity = capacity
+        self.keys: list[torch.Tensor] = []
+        self.values: list[torch.Tensor] = []
+        self.segment_ids: torch.Tensor | None = None  # [B, capacity]; positions >= length are stale
+        self.length = 0  # positions filled
+        self._start = 0  # where the current call's positions begin
+
+    def extend(self, seg: torch.Tensor) -> torch.Tensor:
+        """Write the new positions' segment ids; returns the key segment ids of the filled prefix."""
+        B, L = seg.shape
+        end = self.length + L
+        if end > self.capacity:
+            raise DiffuseError(
+                f"KV cache full: {self.length} cached + {L} new = {end} positions > capacity {self.capacity} "
+                f"(ask new_cache(max_length=...) for at least {end})"
+            )
+        if self.segment_ids is None:
+            self.segment_ids = seg.new_zeros(B, self.capacity)
+        elif B != self.segment_ids.shape[0]:
+            raise DiffuseError(f"KV cache holds {self.segment_ids.shape[0]} rows; this call has {B}")
+        self.segment_ids[:, self.length : end] = seg
+        self._start, self.length = self.length, end
+        return self.segment_ids[:, :end]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this call's k, v [B, H, L, Dh] in place; returns the filled prefix [B, H, length, Dh]."""
+        if layer == len(self.keys):
+            B, H, _, Dh = k.shape
+            self.keys.append(k.new_zeros(B, H, self.capacity, Dh))
+            self.values.append(v.new_zeros(B, H, self.capacity, Dh))
+        keys, values = self.keys[layer], self.values[layer]
+        keys[:, :, self._start : self.length] = k
+        values[:, :, self._start : self.length] = v
+        return keys[:, :, : self.length], values[:, :, : self.length]
 
 
 class Attention(nn.Module):
@@ -51,13 +83,7 @@ class Attention(nn.Module):
         q, k, v = self.qkv(x).view(B, L, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            if layer < len(cache.keys):
-                k = torch.cat([cache.keys[layer], k], dim=2)
-                v = torch.cat([cache.values[layer], v], dim=2)
-                cache.keys[layer], cache.values[layer] = k, v
-            else:
-                cache.keys.append(k)
-                cache.values.append(v)
+            k, v = cache.update(layer, k, v)
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None and cache is None,
             dropout_p=self.dropout if self.training else 0.0,
@@ -136,8 +162,7 @@ class Transformer(nn.Module):
         keys = None
         if cache is not None:
             seg = segment_ids if segment_ids is not None else torch.ones(B, L, dtype=torch.long, device=x.device)
-            keys = seg if cache.segment_ids is None else torch.cat([cache.segment_ids, seg], dim=1)
-            cache.segment_ids = keys
+            keys = cache.extend(seg)
             segment_ids = seg
         mask = attention_mask(segment_ids, causal, L, key_segment_ids=keys, q_offset=offset)
         rope = self.rope(torch.arange(offset, offset + L, device=x.device))
@@ -148,5 +173,6 @@ class Transformer(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
 
-    def new_cache(self) -> KVCache:
-        return KVCache()
+    def new_cache(self, max_length: int) -> KVCache:
+        """An empty static KV cache for up to `max_length` positions (prompt + generated tokens)."""
+        return KVCache(max_length)

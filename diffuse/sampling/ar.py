@@ -1,7 +1,7 @@
 """Left-to-right sampling for autoregressive models, with temperature / top-k / top-p.
 
-Uses the backbone's cache (KV cache for the transformer) when it has one, so each new token costs
-one position; prompts of different lengths are left-padded with invisible padding.
+Uses the backbone's cache (a static KV cache sized prompt width + length for the transformer, the
+recurrent state for mamba2) when it has one, so each new token costs one position; prompts of different lengths are left-padded with invisible padding.
 """
 
 from __future__ import annotations
@@ -50,7 +50,8 @@ class ARSampler:
             ids[r, width - len(h):] = torch.tensor(h, device=device)
             seg[r, width - len(h):] = 1
         gens = row_generators(seed, len(prompts), device)
-        cache = backbone.new_cache() if hasattr(backbone, "new_cache") else None
+        # room for the prompt and every token generated (the last one is never fed back)
+        cache = backbone.new_cache(max_length=width + length) if hasattr(backbone, "new_cache") else None
         out, done, nfe = [], torch.zeros(len(heads), dtype=torch.bool, device=device), 0
         row_nfe = torch.zeros(len(heads), dtype=torch.long, device=device)
         step_ids, step_seg = ids, seg
