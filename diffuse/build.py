@@ -59,9 +59,10 @@ def regularizer_specs(cfg) -> list[dict]:
 
 
 def build_regularizers(cfg) -> list:
-    regularizers = [REGULARIZERS.build(spec) for spec in regularizer_specs(cfg)]
-    for spec, reg in zip(regularizer_specs(cfg), regularizers):
-        check_contract(reg, Regularizer, f"regularizer={spec['name']}")
+    regularizers = []
+    for spec in regularizer_specs(cfg):
+        regularizers.append(REGULARIZERS.build(spec))
+        check_contract(regularizers[-1], Regularizer, f"regularizer={spec['name']}")
     return regularizers
 
 
@@ -141,7 +142,9 @@ def check_checkpoint_fits(module, ckpt: dict, ckpt_path: str) -> None:
     """Make sure a checkpoint's weights and objective fit `module`; one line names what differs. Objectives
     that share a backbone (masked_discrete, autoregressive, llada) have the same tensors, so a resume under
     another objective would fit the weights while continuing the optimizer and step count under another loss."""
-    trained = (((ckpt.get("diffuse") or {}).get("config") or {}).get("objective") or {}).get("name")
+    from diffuse.checkpoint import stored_config
+
+    trained = (stored_config(ckpt).get("objective") or {}).get("name")
     given = getattr(module.objective, "registry_name", None)
     if trained and given and trained != given:
         raise DiffuseError(f"checkpoint {ckpt_path} was trained with objective={trained}, not objective={given}; "

@@ -3,7 +3,6 @@ the `data.*` keys given on the command line. Entry points import this, never eac
 
 from __future__ import annotations
 
-import inspect
 import logging
 
 import torch
@@ -11,7 +10,7 @@ from hydra.core.hydra_config import HydraConfig
 
 from diffuse.build import as_dict
 from diffuse.errors import DiffuseError
-from diffuse.registry import SAMPLERS
+from diffuse.registry import SAMPLERS, accepts_keyword
 
 log = logging.getLogger("diffuse")
 
@@ -31,9 +30,9 @@ def sampler_spec(cfg, train_cfg, objective, shorthands=SHORTHANDS) -> dict:
     shorthands (`steps=…`, `temperature=…`) apply where the sampler has that knob (an AR sampler has no steps)."""
     spec = as_dict(cfg.get("sampler")) or as_dict(train_cfg.get("sampler"))
     spec.setdefault("name", objective.default_sampler)
-    accepted = inspect.signature(SAMPLERS.get(spec["name"])).parameters
+    sampler_cls = SAMPLERS.get(spec["name"])
     for key in shorthands:
-        if cfg.get(key) is not None and key in accepted:
+        if cfg.get(key) is not None and accepts_keyword(sampler_cls, key):
             spec[key] = cfg[key]
     return spec
 

@@ -7,28 +7,25 @@ import math
 
 import lightning as L
 import torch
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from torch import nn
 
 from diffuse.metrics import NELBO, CorruptionAccuracy
 from diffuse.noise import noise_generator, training_stream, validation_stream
+from diffuse.registry import accepts_keyword
 
 # optim keys that shape the learning-rate schedule; every other key (with `_target_`) builds the optimizer
 LR_SCHEDULE_KEYS = ("warmup_steps", "min_lr_ratio", "total_steps")
 
 
-def accepts_keyword(target: str, name: str) -> bool:
-    """Whether the class or function `target` takes the keyword `name` (True when it cannot be resolved: the
-    error then comes from instantiate, naming the target)."""
-    import importlib
-    import inspect
-
-    module, _, attr = str(target).rpartition(".")
+def target_accepts(target: str, name: str) -> bool:
+    """Whether the class or function named `target` takes the keyword `name` (True when it cannot be
+    resolved: the error then comes from instantiate, naming the target)."""
     try:
-        params = inspect.signature(getattr(importlib.import_module(module), attr)).parameters
+        obj = get_object(str(target))
     except Exception:
         return True
-    return name in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    return accepts_keyword(obj, name)
 
 
 class DiffusionLM(L.LightningModule):
@@ -122,7 +119,7 @@ class DiffusionLM(L.LightningModule):
         spec.setdefault("_target_", "torch.optim.AdamW")  # checkpoints written before optim._target_
         if "betas" in spec:
             spec["betas"] = tuple(spec["betas"])
-        if "fused" in spec and not accepts_keyword(spec["_target_"], "fused"):
+        if "fused" in spec and not target_accepts(spec["_target_"], "fused"):
             spec.pop("fused")  # an optimizer without a fused kernel: diffuse.guard skips its bad steps with a host sync
         # the decay group takes the optimizer's weight_decay; norms, biases and embeddings take none
         opt = instantiate(spec, [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], _convert_="all")

@@ -27,6 +27,19 @@ def _discover_once() -> None:
         importlib.import_module("diffuse.discovery").discover()
 
 
+def accepted_keywords(obj: Callable[..., Any]) -> list[str] | None:
+    """The keyword arguments `obj` (a class or function) takes, in order; None when it takes any (**kwargs)."""
+    params = inspect.signature(obj).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return None
+    return [p for p in params if p != "self"]
+
+
+def accepts_keyword(obj: Callable[..., Any], name: str) -> bool:
+    accepted = accepted_keywords(obj)
+    return accepted is None or name in accepted
+
+
 class Registry:
     def __init__(self, family: str):
         self.family = family
@@ -62,14 +75,12 @@ class Registry:
             raise DiffuseError(f"{self.family} config has no 'name'; registered: {', '.join(self.names())}")
         cls = self.get(name)
         kwargs = {**spec, **extra}
-        params = inspect.signature(cls).parameters
-        if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
-            unknown = sorted(set(kwargs) - set(params))
-            if unknown:
-                raise DiffuseError(
-                    f"{self.family} '{name}' got unknown key(s) {', '.join(unknown)}; "
-                    f"accepted: {', '.join(p for p in params if p != 'self')}"
-                )
+        accepted = accepted_keywords(cls)
+        unknown = [] if accepted is None else sorted(set(kwargs) - set(accepted))
+        if unknown:
+            raise DiffuseError(
+                f"{self.family} '{name}' got unknown key(s) {', '.join(unknown)}; accepted: {', '.join(accepted)}"
+            )
         return cls(**kwargs)
 
     def __contains__(self, name: str) -> bool:

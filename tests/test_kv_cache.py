@@ -70,12 +70,16 @@ def test_cache_buffers_are_allocated_once_and_written_in_place():
     model = tiny_transformer()
     x, seg = left_padded([5, 2], 5)
     cache = model.new_cache(max_length=9)
+
+    def pointers():
+        return [t.data_ptr() for t in (*cache.keys, *cache.values, cache.segment_ids)]
+
     with torch.no_grad():
         model(ids=x, segment_ids=seg, causal=True, cache=cache)
-        ptrs = [k.data_ptr() for k in cache.keys] + [v.data_ptr() for v in cache.values] + [cache.segment_ids.data_ptr()]
+        ptrs = pointers()
         for _ in range(4):
             model(ids=x[:, -1:], segment_ids=torch.ones_like(x[:, -1:]), causal=True, cache=cache)
-    assert [k.data_ptr() for k in cache.keys] + [v.data_ptr() for v in cache.values] + [cache.segment_ids.data_ptr()] == ptrs
+    assert pointers() == ptrs
     assert cache.length == 9 and cache.segment_ids.shape == (2, 9)
 
 

@@ -11,10 +11,10 @@ from diffuse.evaluation.formatting import num
 def training_budget(ckpt_path: str) -> dict:
     """Tokens seen in training: global_step × batch_size × seq_len × gradient accumulation (padding
     included; one device assumed — multiply by the world size for multi-GPU runs)."""
-    from diffuse.checkpoint import read_checkpoint
+    from diffuse.checkpoint import read_checkpoint, stored_config
 
     ckpt = read_checkpoint(ckpt_path, "ckpt", mmap=True)  # weights_only, like every load; mmap: no tensor is read
-    cfg = (ckpt.get("diffuse") or {}).get("config") or {}
+    cfg = stored_config(ckpt)
     data, trainer = cfg.get("data", {}), cfg.get("trainer", {})
     step = int(ckpt.get("global_step", 0))
     batch, seq_len = int(data.get("batch_size", 0)), int(data.get("seq_len", 0))
