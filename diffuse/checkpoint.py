@@ -59,11 +59,20 @@ def fsync_dir(folder: Path) -> None:
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file in the same folder, fsync it, rename, fsync the folder: a crash (or a
-    power loss) leaves the old file or the new one, never half of one; a failed write leaves no temp file."""
+    power loss) leaves the old file or the new one, never half of one; a failed write leaves no temp file.
+    `preloaded`: {path: dict} already read (on CPU) by the entry point, handed to Lightning's resume once
+    instead of reading the file a second time."""
+
+    def __init__(self, preloaded: dict[str, dict] | None = None):
+        super().__init__()
+        self.preloaded = {os.path.realpath(p): ckpt for p, ckpt in (preloaded or {}).items()}
 
     def load_checkpoint(self, path, map_location=None, weights_only=None):
         """Lightning's resume (`trainer.fit(ckpt_path=…)`) reads through here, as safely as every other
         diffuse load: Lightning's `weights_only` argument is not what opts out, DIFFUSE_TRUST_CHECKPOINTS=1 is."""
+        ckpt = self.preloaded.pop(os.path.realpath(path), None)
+        if ckpt is not None and map_location in (None, "cpu"):
+            return ckpt
         return read_checkpoint(str(path), "ckpt_path", map_location if map_location is not None else "cpu")
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
@@ -116,6 +125,11 @@ def load_run(ckpt_path: str, map_location="cpu", key: str = "ckpt"):
     module.load_state_dict(inference_state_dict(ckpt))
     module.eval()
     return cfg, tokenizer, module
+
+
+def stored_config(ckpt: dict) -> dict:
+    """The run config a diffuse checkpoint (an already-read dict) carries; {} for other files."""
+    return (ckpt.get("diffuse") or {}).get("config") or {}
 
 
 def checkpoint_tokenizer(ckpt: dict, ckpt_path: str):

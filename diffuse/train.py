@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffuse.build import build_datamodule, build_module, check_checkpoint_fits
 from diffuse.callbacks import Throughput, flat_metrics, write_metrics_json
-from diffuse.checkpoint import AtomicCheckpointIO, checkpoint_tokenizer, read_checkpoint
+from diffuse.checkpoint import AtomicCheckpointIO, checkpoint_tokenizer, read_checkpoint, stored_config
 from diffuse import rundir
 from diffuse.errors import DiffuseError, one_line_errors
 from diffuse.paths import CONFIG_DIR
@@ -73,8 +73,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         ckpt = read_checkpoint(ckpt_path, "ckpt_path")
         ckpt_tokenizer = checkpoint_tokenizer(ckpt, ckpt_path)
         resumed_at = int(ckpt.get("global_step", 0))
-        saved_optim = ((ckpt.get("diffuse") or {}).get("config") or {}).get("optim") or {}
-        changes = rundir.optim_changes(saved_optim, run_config.get("optim") or {})
+        changes = rundir.optim_changes(stored_config(ckpt).get("optim") or {}, run_config.get("optim") or {})
         rundir.announce_optim_changes(changes)
         extra_callbacks = [rundir.ApplyOptimConfig(changes)] if changes else []
 
@@ -83,7 +82,6 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     module = build_module(cfg, tokenizer, run_config=run_config)
     if ckpt_path:
         check_checkpoint_fits(module, ckpt, ckpt_path)
-        del ckpt  # Lightning reads the file again to restore optimizer, loops and callbacks
     dm.setup("fit")
     n_params = sum(p.numel() for p in module.backbone.parameters())
     log.info("data: %s; model: %.2fM parameters; run dir: %s", dm.describe(), n_params / 1e6, run_dir)
@@ -94,8 +92,11 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         for logger in loggers:  # steps after the checkpoint are logged again by this run: keep each once
             if hasattr(logger, "forget_steps_from"):
                 logger.forget_steps_from(resumed_at)
+    # the checkpoint already read goes to Lightning's resume (optimizer, loops, callbacks): the file is read once
+    checkpoint_io = AtomicCheckpointIO(preloaded={ckpt_path: ckpt} if ckpt_path else None)
+    del ckpt  # held by checkpoint_io until Lightning takes it, then freed
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+                                     plugins=[checkpoint_io], default_root_dir=str(run_dir))
     refuse_spawned_ranks(trainer)
     dm.accumulate = trainer.accumulate_grad_batches
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)

@@ -150,3 +150,16 @@ def test_a_finished_run_keeps_its_metrics_when_resumed(corpus, tmp_path):
     after = json.loads((run_dir / "metrics.json").read_text())
     for key in ("train/loss", "train/tokens_per_sec", "val/nelbo"):
         assert after[key] == pytest.approx(before[key], rel=1e-6), key
+
+
+def test_a_resume_reads_its_checkpoint_file_once(corpus, tmp_path, monkeypatch):
+    import diffuse.checkpoint
+
+    run_dir = tmp_path / "run"
+    assert train(corpus, run_dir).returncode == 0
+    reads = []
+    real = diffuse.checkpoint.safe_load
+    monkeypatch.setattr(diffuse.checkpoint, "safe_load", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
+    result = train(corpus, run_dir, "resume=true", "trainer.max_steps=7")
+    assert result.returncode == 0, result
+    assert reads == [str(run_dir / "checkpoints" / "last.ckpt")]  # the entry point's read served Lightning's resume
