@@ -87,3 +87,65 @@ def attention_mask(
         mask = mask & (k_pos <= q_pos)
     mask = mask | (k_pos == q_pos)
     return mask[:, None]
+
+
+class BlockLayout:
+    """Who sees whom in block diffusion (BD3LM). Each position has a block index, a stream (clean x0 or
+    noisy x_t) and a RoPE position; a query sees a key of its own document when
+
+        the key is clean and its block is earlier, or the same block with a clean query, or
+        both are noisy and in the same block.
+
+    Training feeds [x_t ; x_0] (2L positions, both streams at positions 0..L−1): a noisy block sees itself
+    and the clean blocks before it, a clean block the clean blocks up to its own. One clean stream alone
+    is block-causal attention (a block sees the blocks ≤ its own): uncached block decoding. Blocks of 1
+    make the clean stream causal; one block makes the noisy stream the full-sequence model.
+    """
+
+    def __init__(self, block: torch.Tensor, clean: torch.Tensor, positions: torch.Tensor):
+        self.block, self.clean, self.positions = block, clean, positions
+
+    @classmethod
+    def noisy_and_clean(cls, length: int, block_size: int, device=None) -> "BlockLayout":
+        """The training layout [x_t ; x_0] of rows of `length`, blocks aligned at position 0."""
+        pos = torch.arange(length, device=device)
+        return cls((pos // block_size).repeat(2), torch.arange(2 * length, device=device) >= length, pos.repeat(2))
+
+    @classmethod
+    def clean_blocks(cls, block: torch.Tensor) -> "BlockLayout":
+        """One clean stream with the given block index per position: block-causal attention."""
+        return cls(block, torch.ones_like(block, dtype=torch.bool), torch.arange(len(block), device=block.device))
+
+    def visible(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Elementwise rule for query and key indices (broadcasting; FlexAttention's mask_mod calls it too)."""
+        bq, bk, cq, ck = self.block[q], self.block[k], self.clean[q], self.clean[k]
+        return (ck & ((bk < bq) | (cq & (bk == bq)))) | (~cq & ~ck & (bk == bq))
+
+    def mask(self, segment_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """Boolean SDPA mask [B, 1, L, L], documents and padding applied as in `attention_mask`."""
+        n = len(self.block)
+        idx = torch.arange(n, device=self.block.device)
+        allowed = self.visible(idx[:, None], idx[None, :])[None]
+        if segment_ids is not None:
+            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+        allowed = allowed | torch.eye(n, dtype=torch.bool, device=idx.device)  # no empty row (padding)
+        return allowed.expand(batch, n, n)[:, None]
+
+
+def flex_block_mask(segment_ids: torch.Tensor | None, causal: bool, layout: BlockLayout | None, batch: int, length: int):
+    """The same pattern as `attention_mask` / `BlockLayout.mask`, as a FlexAttention BlockMask."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q, k):
+        ok = q >= 0  # all True, in the tensor type FlexAttention traces
+        if segment_ids is not None:
+            ok = ok & (segment_ids[b, q] == segment_ids[b, k]) & (segment_ids[b, k] > 0)
+        if causal:
+            ok = ok & (k <= q)
+        if layout is not None:
+            ok = ok & layout.visible(q, k)
+        return ok | (q == k)
+
+    device = segment_ids.device if segment_ids is not None else (layout.block.device if layout is not None else "cpu")
+    return create_block_mask(mask_mod, batch if segment_ids is not None else None, None, length, length,
+                             device=device, _compile=False)

@@ -7,17 +7,21 @@ AR decoding cost one position per new token, with no reallocation as the sequenc
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import (
+    BlockLayout,
     RotaryEmbedding,
     SwiGLU,
     TimestepEmbedding,
     apply_rotary,
     attention_mask,
+    flex_block_mask,
     swiglu_hidden,
 )
 from diffuse.registry import MODELS
@@ -26,8 +30,16 @@ from diffuse.registry import MODELS
 class KVCache:
     """Static KV cache: keys/values [B, H, capacity, head_dim] per layer and the key segment ids
     [B, capacity], allocated on the first call (batch, dtype and device of that call) and written in
-    place at the current offset; attention reads the filled prefix [:length] only.
+    place; attention reads the filled prefix [:length] only.
 
+    A forward call writes its positions at the cursor (by default the end of the filled prefix, as in
+    left-to-right decoding) and its queries see every filled position of their segment, itself
+    included: causal calls see only keys up to their own position. Two moves serve the samplers that
+    revisit positions:
+      `seek(pos)`      the next call writes (and its queries sit) at pos ≤ length: overwrite a block
+                       inside a cached canvas (Fast-dLLM's prefix and dual caches);
+      `truncate(n)`    forget every position ≥ n: a denoising step of the current block is seen by
+                       nothing after it (block diffusion's exact cache keeps only committed blocks).
     A forward call first `extend`s the segment ids (once, for all layers), then each layer `update`s.
     """
 
@@ -39,24 +51,42 @@ class KVCache:
         self.values: list[torch.Tensor] = []
         self.segment_ids: torch.Tensor | None = None  # [B, capacity]; positions >= length are stale
         self.length = 0  # positions filled
-        self._start = 0  # where the current call's positions begin
+        self.cursor: int | None = None  # where the next call writes (None: at length)
+        self._start = self._end = 0  # the current call's positions
+
+    def seek(self, pos: int) -> None:
+        if not 0 <= pos <= self.length:
+            raise DiffuseError(f"KV cache seek to {pos}: only positions 0..{self.length} can be written next")
+        self.cursor = pos
+
+    def truncate(self, n: int) -> None:
+        if not 0 <= n <= self.length:
+            raise DiffuseError(f"KV cache truncate to {n}: it holds {self.length} positions")
+        self.length, self.cursor = n, None
+
+    @property
+    def offset(self) -> int:
+        """The position of the next call's first query."""
+        return self.length if self.cursor is None else self.cursor
 
     def extend(self, seg: torch.Tensor) -> torch.Tensor:
         """Write the new positions' segment ids; returns the key segment ids of the filled prefix."""
         B, L = seg.shape
-        end = self.length + L
+        start = self.offset
+        end = start + L
         if end > self.capacity:
             raise DiffuseError(
-                f"KV cache full: {self.length} cached + {L} new = {end} positions > capacity {self.capacity} "
+                f"KV cache full: {start} cached + {L} new = {end} positions > capacity {self.capacity} "
                 f"(ask new_cache(max_length=...) for at least {end})"
             )
         if self.segment_ids is None:
             self.segment_ids = seg.new_zeros(B, self.capacity)
         elif B != self.segment_ids.shape[0]:
             raise DiffuseError(f"KV cache holds {self.segment_ids.shape[0]} rows; this call has {B}")
-        self.segment_ids[:, self.length : end] = seg
-        self._start, self.length = self.length, end
-        return self.segment_ids[:, :end]
+        self.segment_ids[:, start:end] = seg
+        self._start, self._end = start, end
+        self.length, self.cursor = max(self.length, end), None
+        return self.segment_ids[:, : self.length]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this call's k, v [B, H, L, Dh] in place; returns the filled prefix [B, H, length, Dh]."""
@@ -65,9 +95,20 @@ class KVCache:
             self.keys.append(k.new_zeros(B, H, self.capacity, Dh))
             self.values.append(v.new_zeros(B, H, self.capacity, Dh))
         keys, values = self.keys[layer], self.values[layer]
-        keys[:, :, self._start : self.length] = k
-        values[:, :, self._start : self.length] = v
+        keys[:, :, self._start : self._end] = k
+        values[:, :, self._start : self._end] = v
         return keys[:, :, : self.length], values[:, :, : self.length]
+
+
+ATTENTION = ("sdpa", "flex")
+
+
+@functools.cache
+def compiled_flex_attention():
+    """FlexAttention runs compiled (on CPU too: its eager path materialises every score)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
 
 
 class Attention(nn.Module):
@@ -84,6 +125,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
+            y = compiled_flex_attention()(q, k, v, block_mask=mask)
+            return self.out(y.transpose(1, 2).reshape(B, L, D))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None and cache is None,
             dropout_p=self.dropout if self.training else 0.0,
@@ -118,10 +162,14 @@ class Transformer(nn.Module):
         rope_base: float = 10_000.0,
         time_conditioning: bool = False,
         tie_weights: bool = True,
+        attention: str = "sdpa",
     ):
         super().__init__()
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise DiffuseError(f"model.d_model={d_model} must split into model.n_heads={n_heads} even-sized heads")
+        if attention not in ATTENTION:
+            raise DiffuseError(f"model.attention={attention!r} must be one of {', '.join(ATTENTION)}")
+        self.attention = attention
         self.vocab_size, self.d_model = vocab_size, d_model
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.time_emb = TimestepEmbedding(d_model) if time_conditioning else None
@@ -150,25 +198,39 @@ class Transformer(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.tok_emb(ids)
 
-    def forward(self, ids=None, embeds=None, t=None, segment_ids=None, causal=False, cache: KVCache | None = None):
-        """Hidden states [B, L, D] after the final norm. Give `ids` or `embeds` (continuous inputs)."""
+    def forward(self, ids=None, embeds=None, t=None, segment_ids=None, causal=False, cache: KVCache | None = None,
+                layout: BlockLayout | None = None):
+        """Hidden states [B, L, D] after the final norm. Give `ids` or `embeds` (continuous inputs).
+
+        `layout`: block diffusion's attention pattern and positions (models/layers.py BlockLayout).
+        """
         x = self.embed(ids) if embeds is None else embeds
         if self.time_emb is not None:
             if t is None:
                 raise DiffuseError("this model has model.time_conditioning=true but the objective passes no t")
             x = x + self.time_emb(t).to(x.dtype)
         B, L, _ = x.shape
-        offset = cache.length if cache is not None else 0
+        if layout is not None and (cache is not None or causal):
+            raise DiffuseError("a block layout brings its own attention pattern: no cache, no causal flag")
+        offset = cache.offset if cache is not None else 0
         keys = None
         if cache is not None:
             seg = segment_ids if segment_ids is not None else torch.ones(B, L, dtype=torch.long, device=x.device)
             keys = cache.extend(seg)
             segment_ids = seg
-        mask = attention_mask(segment_ids, causal, L, key_segment_ids=keys, q_offset=offset)
-        rope = self.rope(torch.arange(offset, offset + L, device=x.device))
+        if self.attention == "flex" and cache is None and (segment_ids is not None or layout is not None):
+            mask = flex_block_mask(segment_ids, causal, layout, B, L)
+        elif layout is not None:
+            mask = layout.mask(segment_ids, B)
+        else:
+            mask = attention_mask(segment_ids, causal, L, key_segment_ids=keys, q_offset=offset)
+        positions = layout.positions if layout is not None else torch.arange(offset, offset + L, device=x.device)
+        rope = self.rope(positions)
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, causal, cache, i)
         return self.norm(x)
+
+    supports_block_layout = True  # models without it refuse objective.block_size at build time
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)

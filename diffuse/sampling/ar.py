@@ -11,7 +11,14 @@ import torch
 from diffuse.contracts import AUTOREGRESSIVE
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
-from diffuse.sampling.base import SampleOutput, check_temperature, row_generators, sample_tokens, trim_at_eos
+from diffuse.sampling.base import (
+    SampleOutput,
+    check_temperature,
+    left_padded,
+    row_generators,
+    sample_tokens,
+    trim_at_eos,
+)
 
 
 @SAMPLERS.register("ar")
@@ -42,18 +49,14 @@ class ARSampler:
     def generate(self, backbone, objective, prompts, length, seed=0) -> SampleOutput:
         special = objective.special
         device = next(backbone.parameters()).device
-        heads = [[special.bos] + list(p) for p in prompts]
-        width = max(map(len, heads))
-        ids = torch.full((len(heads), width), special.pad, dtype=torch.long, device=device)
-        seg = torch.zeros_like(ids)
-        for r, h in enumerate(heads):  # left-pad so every row's next token sits in the last column
-            ids[r, width - len(h):] = torch.tensor(h, device=device)
-            seg[r, width - len(h):] = 1
+        ids, seg = left_padded(prompts, special, device)  # every row's next token sits in the last column
+        width = ids.shape[1]
         gens = row_generators(seed, len(prompts), device)
         # room for the prompt and every token generated (the last one is never fed back)
         cache = backbone.new_cache(max_length=width + length) if hasattr(backbone, "new_cache") else None
-        out, done, nfe = [], torch.zeros(len(heads), dtype=torch.bool, device=device), 0
-        row_nfe = torch.zeros(len(heads), dtype=torch.long, device=device)
+        out, done, nfe = [], torch.zeros(len(prompts), dtype=torch.bool, device=device), 0
+        row_nfe = torch.zeros(len(prompts), dtype=torch.long, device=device)
+        positions = 0
         step_ids, step_seg = ids, seg
         for _ in range(length):
             if cache is None:  # no cache: re-run the whole prefix
@@ -61,6 +64,7 @@ class ARSampler:
                 step_seg = torch.cat([seg] + [torch.ones_like(o[:, None]) for o in out], 1)
             hidden = backbone(ids=step_ids, segment_ids=step_seg, causal=True, **({"cache": cache} if cache is not None else {}))
             nfe += 1
+            positions += step_ids.shape[1]
             row_nfe += ~done  # alone, a row stops at its own EOS
             logits = backbone.logits(hidden[:, -1:]).float()
             logits[..., special.mask] = float("-inf")
@@ -75,4 +79,4 @@ class ARSampler:
         if tokens.shape[1] < length:
             tokens = torch.cat([tokens, tokens.new_full((tokens.shape[0], length - tokens.shape[1]), special.pad)], 1)
         tokens, lengths = trim_at_eos(tokens, special)
-        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], row_nfe)
+        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], row_nfe, positions)

@@ -23,6 +23,9 @@ class SampleOutput:
     # [B] the passes each row costs alone (a batch runs as long as its slowest row: threshold decoding,
     # EOS); None: every row cost `nfe`
     row_nfe: torch.Tensor | None = None
+    # positions run through the network for the whole batch, per row (a pass over the whole canvas counts
+    # its width; a cached pass only the positions it feeds): the work behind the NFE; None: not counted
+    positions: int | None = None
 
     def nfe_per_row(self) -> torch.Tensor:
         return self.row_nfe if self.row_nfe is not None else torch.full((len(self.prompts),), self.nfe)
@@ -107,6 +110,20 @@ def masked_canvas(prompts: list[list[int]], length: int, special, device):
         seg[r, : len(h) + length] = 1
     starts = torch.tensor([len(h) for h in heads], device=device)
     return ids, seg, starts
+
+
+def left_padded(prompts: list[list[int]], special, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows [PAD…, BOS, prompt…] left-padded to one width W, with segment ids (0 on padding): every row's
+    next token sits in column W, so a cache can be written in the same columns for every row (RoPE is
+    relative and padding invisible, so a row's outputs do not depend on its padding)."""
+    heads = [[special.bos] + list(p) for p in prompts]
+    width = max(map(len, heads))
+    ids = torch.full((len(heads), width), special.pad, dtype=torch.long, device=device)
+    seg = torch.zeros_like(ids)
+    for r, h in enumerate(heads):
+        ids[r, width - len(h):] = torch.tensor(h, device=device)
+        seg[r, width - len(h):] = 1
+    return ids, seg
 
 
 def take_generated(ids: torch.Tensor, starts: torch.Tensor, length: int) -> torch.Tensor:
