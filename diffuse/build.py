@@ -118,6 +118,8 @@ def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legac
 
     backbone = build_model(cfg, tokenizer)
     objective = build_objective(cfg, tokenizer)
+    if hasattr(objective, "check_backbone"):  # an objective that needs more of the backbone says so in one line
+        objective.check_backbone(backbone, as_dict(cfg.model).get("name"))
     sampler_cfg = as_dict(cfg.get("sampler"))
     if legacy and sampler_cfg.get("name") and not sampler_fits(SAMPLERS.get(sampler_cfg["name"]), objective):
         log.warning("checkpoint names sampler=%s, which does not fit objective=%s; using sampler=%s",

@@ -19,6 +19,7 @@ from typing_extensions import NotRequired
 ABSORBING = "absorbing"  # tokens jump to [MASK] (masked_discrete, llada)
 GAUSSIAN = "gaussian"  # Gaussian noise on embeddings (continuous)
 AUTOREGRESSIVE = "autoregressive"  # no noise: left to right (autoregressive)
+BLOCK_ABSORBING = "block_absorbing"  # absorbing inside blocks, block-causal across them (objective.block_size)
 
 
 class Batch(TypedDict):

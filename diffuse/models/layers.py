@@ -132,12 +132,25 @@ class BlockLayout:
         return allowed.expand(batch, n, n)[:, None]
 
 
+FLEX_BLOCK = 128  # FlexAttention's tile: on CPU, lengths that are not a multiple of it gave wrong outputs
+
+
 def flex_block_mask(segment_ids: torch.Tensor | None, causal: bool, layout: BlockLayout | None, batch: int, length: int):
-    """The same pattern as `attention_mask` / `BlockLayout.mask`, as a FlexAttention BlockMask."""
+    """The same pattern as `attention_mask` / `BlockLayout.mask`, as a FlexAttention BlockMask over the
+    length padded to a multiple of FLEX_BLOCK (the padded keys are invisible, padded queries see themselves;
+    the attention pads q, k, v to the mask's length and crops its output)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
+    padded = -(-length // FLEX_BLOCK) * FLEX_BLOCK
+    extra = padded - length
+    if segment_ids is not None:
+        segment_ids = F.pad(segment_ids, (0, extra))  # padding: segment 0, invisible
+    if layout is not None:  # positions past the end: a block of their own, noisy (seen by no real query)
+        layout = BlockLayout(F.pad(layout.block, (0, extra), value=int(layout.block.max()) + 1),
+                             F.pad(layout.clean, (0, extra), value=False), layout.positions)
+
     def mask_mod(b, h, q, k):
-        ok = q >= 0  # all True, in the tensor type FlexAttention traces
+        ok = k < length
         if segment_ids is not None:
             ok = ok & (segment_ids[b, q] == segment_ids[b, k]) & (segment_ids[b, k] > 0)
         if causal:
@@ -147,5 +160,5 @@ def flex_block_mask(segment_ids: torch.Tensor | None, causal: bool, layout: Bloc
         return ok | (q == k)
 
     device = segment_ids.device if segment_ids is not None else (layout.block.device if layout is not None else "cpu")
-    return create_block_mask(mask_mod, batch if segment_ids is not None else None, None, length, length,
+    return create_block_mask(mask_mod, batch if segment_ids is not None else None, None, padded, padded,
                              device=device, _compile=False)

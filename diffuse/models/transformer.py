@@ -125,8 +125,9 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
             k, v = cache.update(layer, k, v)
-        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask
-            y = compiled_flex_attention()(q, k, v, block_mask=mask)
+        if mask is not None and not isinstance(mask, torch.Tensor):  # a FlexAttention BlockMask (padded length)
+            pad = (0, 0, 0, mask.seq_lengths[0] - L)
+            y = compiled_flex_attention()(F.pad(q, pad), F.pad(k, pad), F.pad(v, pad), block_mask=mask)[:, :, :L]
             return self.out(y.transpose(1, 2).reshape(B, L, D))
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=causal and mask is None and cache is None,

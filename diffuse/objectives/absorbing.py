@@ -10,6 +10,14 @@ nothing). masked_discrete and llada are this class with a few hooks changed:
     train_weight(t, masked, maskable, batch)   per masked token: Σ w·CE is the loss that is optimised
     extra_metrics(t, masked, nll)      logged beside mask_ratio
 
+Block diffusion (BD3LM, `block_size` b): the row is cut into blocks of b tokens from position 0; the
+network reads [x_t ; x_0] (2L positions, models/layers.py BlockLayout): a noisy block sees itself and
+the clean blocks before it, so the loss is the masked-diffusion NELBO of each block given the clean
+prefix, summed over blocks and divided by the tokens. Each block draws its own t (antithetic over the
+batch, block by block). b = L is the full-sequence model, b = 1 the autoregressive NLL in expectation
+(tests/test_block_diffusion.py). Such a model decodes block by block with an exact KV cache
+(sampling/block.py), and runs the `block_absorbing` process that only block samplers decode.
+
 The loss computes the output head and the cross-entropy at the masked positions only, chunk by chunk
 (objectives/losses.py); `predict` still gives the full [B, L, V] log-probabilities, for the samplers and
 the consistency regularizer.
@@ -20,8 +28,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffuse.contracts import ABSORBING
+from diffuse.contracts import ABSORBING, BLOCK_ABSORBING
 from diffuse.errors import DiffuseError
+from diffuse.models.layers import BlockLayout
 from diffuse.noise import batch_draw
 from diffuse.objectives.base import LossOutput, SpecialTokens, antithetic_uniform
 from diffuse.objectives.losses import selected_cross_entropy
@@ -34,8 +43,15 @@ class AbsorbingObjective(nn.Module):
     default_sampler = "remask"
 
     def __init__(self, schedule: Schedule, special: SpecialTokens, eps: float = 1e-3,
-                 min_mask_ratio: float = 0.0, max_mask_ratio: float = 1.0):
+                 min_mask_ratio: float = 0.0, max_mask_ratio: float = 1.0, block_size: int | None = None):
         super().__init__()
+        if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int)
+                                       or block_size <= 0):
+            raise DiffuseError(f"objective.block_size={block_size} must be a positive integer (or null: "
+                               "the full-sequence model)")
+        self.block_size = block_size
+        if block_size is not None:  # decoded block by block with an exact cache, by block samplers only
+            self.process, self.default_sampler = BLOCK_ABSORBING, "block"
         if not 0.0 <= min_mask_ratio < max_mask_ratio <= 1.0:
             raise DiffuseError(
                 f"objective.min_mask_ratio={min_mask_ratio} and max_mask_ratio={max_mask_ratio} "
@@ -81,6 +97,14 @@ class AbsorbingObjective(nn.Module):
     def extra_metrics(self, t, masked, nll) -> dict[str, torch.Tensor]:
         return {}
 
+    def check_backbone(self, backbone, model_name: str) -> None:
+        """Block diffusion needs a backbone that takes a BlockLayout (the transformer does)."""
+        if self.block_size is not None and not getattr(backbone, "supports_block_layout", False):
+            raise DiffuseError(
+                f"model={model_name} cannot train objective.block_size={self.block_size}: block diffusion needs "
+                "block-causal attention over [x_t ; x_0], which this backbone does not take (a bidirectional "
+                "scan has no block-causal form here); use model=transformer (or objective.block_size=null)")
+
     # -- the forward (noising) process --------------------------------------------------------------
     def sample_t(self, x0: torch.Tensor, generator=None, train: bool = True,
                  t_range: tuple[float, float] | None = None) -> torch.Tensor:
@@ -88,7 +112,13 @@ class AbsorbingObjective(nn.Module):
         if t_range is not None:
             lo, hi = t_range
             return lo + (hi - lo) * torch.rand((x0.shape[0], 1), device=x0.device, generator=generator)
-        u = antithetic_uniform(x0.shape[0], x0.device, generator, self.t_tail(x0, train))
+        tail = self.t_tail(x0, train)
+        if self.block_size is not None and tail == (1,):  # a t per block, repeated over its tokens
+            n_blocks = -(-x0.shape[1] // self.block_size)
+            u = antithetic_uniform(x0.shape[0], x0.device, generator, (n_blocks,))
+            u = u.repeat_interleave(self.block_size, dim=1)[:, : x0.shape[1]]
+        else:
+            u = antithetic_uniform(x0.shape[0], x0.device, generator, tail)
         return self.t_from_uniform(u, train)
 
     def draw_noise(self, x0: torch.Tensor, generator=None) -> torch.Tensor:
@@ -108,11 +138,25 @@ class AbsorbingObjective(nn.Module):
     # -- the network's prediction -------------------------------------------------------------------
     def hidden(self, backbone, z, t, batch) -> torch.Tensor:
         t_in = t.squeeze(-1) if t.dim() == 2 and t.shape[1] == 1 else t
-        return backbone(ids=z, t=t_in, segment_ids=batch.get("segment_ids"))
+        if self.block_size is None:
+            return backbone(ids=z, t=t_in, segment_ids=batch.get("segment_ids"))
+        # block diffusion: [x_t ; x_0] under the BD3LM mask; the noisy half's hidden states predict x0
+        B, L = z.shape
+        seg = batch.get("segment_ids")
+        if t_in.dim() == 2:  # t per token: the clean copy is at t = 0
+            t_in = torch.cat([t_in, torch.zeros_like(t_in)], 1)
+        layout = BlockLayout.noisy_and_clean(L, self.block_size, z.device)
+        h = backbone(ids=torch.cat([z, batch["input_ids"]], 1), t=t_in,
+                     segment_ids=None if seg is None else seg.repeat(1, 2), layout=layout)
+        return h[:, :L]
 
     def predict(self, backbone, z, t, batch) -> torch.Tensor:
         """SUBS log-probabilities over x0 [B, L, V]: [MASK] impossible; unmasked positions one-hot on z."""
-        logits = backbone.logits(self.hidden(backbone, z, t, batch)).float()
+        return self.log_probs(backbone.logits(self.hidden(backbone, z, t, batch)), z)
+
+    def log_probs(self, logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """SUBS: the network's logits at the positions of z → log p(x0 | z) (samplers use it directly)."""
+        logits = logits.float()
         logits[..., self.special.mask] = float("-inf")
         keep = (z != self.special.mask)[..., None]
         logp = torch.where(keep, float("-inf"), logits.log_softmax(-1))

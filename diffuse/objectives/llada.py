@@ -32,13 +32,14 @@ class LLaDA(AbsorbingObjective):
 
     def __init__(self, special: SpecialTokens, schedule: Schedule | None = None, eps: float = 1e-3,
                  min_mask_ratio: float = 0.0, max_mask_ratio: float = 1.0, importance_weighting: bool = True,
-                 mask_token_id: int | None = None, mask_eos: bool = False):
+                 mask_token_id: int | None = None, mask_eos: bool = False, block_size: int | None = None):
         if mask_token_id is not None:  # e.g. a pretrained LLaDA checkpoint's config.mask_token_id
             special = SpecialTokens(special.pad, special.bos, special.eos, int(mask_token_id))
         if special.mask is None:
             raise DiffuseError("objective=llada needs a [MASK] token: the tokenizer has none and "
                                "objective.mask_token_id is not set")
-        super().__init__(schedule or build_schedule("linear"), special, eps, min_mask_ratio, max_mask_ratio)
+        super().__init__(schedule or build_schedule("linear"), special, eps, min_mask_ratio, max_mask_ratio,
+                         block_size)
         self.importance_weighting, self.mask_eos = importance_weighting, mask_eos
 
     def mask_prob(self, t: torch.Tensor) -> torch.Tensor:

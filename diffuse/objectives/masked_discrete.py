@@ -29,8 +29,9 @@ class MaskedDiscrete(AbsorbingObjective):
         min_mask_ratio: float = 0.0,
         max_mask_ratio: float = 1.0,
         single_ratio_per_sequence: bool = True,
+        block_size: int | None = None,
     ):
-        super().__init__(schedule, special, eps, min_mask_ratio, max_mask_ratio)
+        super().__init__(schedule, special, eps, min_mask_ratio, max_mask_ratio, block_size)
         self.single_ratio_per_sequence = single_ratio_per_sequence
 
     def t_tail(self, x0, train: bool) -> tuple[int, ...]:
