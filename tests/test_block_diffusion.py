@@ -271,3 +271,22 @@ def test_cli_trains_and_samples_a_block_model_and_refuses_mamba2(corpus, tmp_pat
     bad = call_main("diffuse.train", *tiny_args(corpus, tmp_path / "m", "model=mamba2_tiny", "objective.block_size=4"))
     assert bad.returncode == 2
     assert error_lines(bad.stderr) and "model=mamba2 cannot train objective.block_size=4" in error_lines(bad.stderr)[0]
+
+
+def test_hf_backbone_trains_blocks_and_decodes_them_without_a_cache():
+    """model=hf takes the layout as its 4D mask: one block = the full-sequence model; sampler=block runs
+    uncached (HF models here have no diffuse KV cache) and refuses the cache in one line."""
+    from diffuse.models.hf import HFCausalLM
+
+    tiny = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_key_value_heads": 2, "max_position_embeddings": 64}
+    torch.manual_seed(0)
+    model, batch = HFCausalLM(vocab_size=VOCAB, config=tiny).eval(), batch_of(2, 12, docs=True)
+    make = lambda b: MaskedDiscrete(build_schedule("linear"), SPECIAL, block_size=b)  # noqa: E731
+    with torch.no_grad():
+        a, b = make(None).loss(model, batch, gen(2), train=False), make(12).loss(model, batch, gen(2), train=False)
+    torch.testing.assert_close(b.nll_sum, a.nll_sum, rtol=1e-5, atol=1e-5)
+    out = BlockSampler(steps=2, use_cache=False).generate(model, make(4), [[1, 2], [3]], 8, seed=0)
+    assert out.tokens.shape == (2, 8)
+    with pytest.raises(DiffuseError, match="use sampler.use_cache=false"):
+        BlockSampler(steps=2).generate(model, make(4), [[1]], 8)

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from diffuse.errors import DiffuseError
-from diffuse.models.layers import attention_mask
+from diffuse.models.layers import BlockLayout, attention_mask
 from diffuse.registry import MODELS
 
 # `debug=default` (and users) size every model with these keys; they map onto any HF config
@@ -69,16 +69,25 @@ class HFCausalLM(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.get_input_embeddings()(ids)
 
-    def forward(self, ids=None, embeds=None, t=None, segment_ids=None, causal=False):
-        """Hidden states [B, L, D] after the model's final norm; `t` is ignored (not time-conditioned)."""
+    supports_block_layout = True  # block diffusion: the layout's mask is handed over as the 4D mask
+
+    def forward(self, ids=None, embeds=None, t=None, segment_ids=None, causal=False, layout: BlockLayout | None = None):
+        """Hidden states [B, L, D] after the model's final norm; `t` is ignored (not time-conditioned).
+        `layout`: block diffusion's pattern (models/layers.py); positions restart per document in each stream."""
         x = self.embed(ids) if embeds is None else embeds
         B, L, _ = x.shape
         seg = segment_ids if segment_ids is not None else torch.ones(B, L, dtype=torch.long, device=x.device)
-        allowed = attention_mask(seg, causal, L)
+        if layout is None:
+            allowed, positions = attention_mask(seg, causal, L), document_positions(seg)
+        else:  # each stream ([x_t ; x_0] in training) counts its own positions
+            allowed = layout.mask(seg, B)
+            positions = torch.empty_like(seg)
+            for stream in (layout.clean, ~layout.clean):
+                if stream.any():
+                    positions[:, stream] = document_positions(seg[:, stream])
         additive = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
         additive.masked_fill_(~allowed, torch.finfo(x.dtype).min)
-        out = self.decoder(inputs_embeds=x, attention_mask=additive, position_ids=document_positions(seg),
-                           use_cache=False)
+        out = self.decoder(inputs_embeds=x, attention_mask=additive, position_ids=positions, use_cache=False)
         return out.last_hidden_state
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

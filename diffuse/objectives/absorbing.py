@@ -103,7 +103,7 @@ class AbsorbingObjective(nn.Module):
             raise DiffuseError(
                 f"model={model_name} cannot train objective.block_size={self.block_size}: block diffusion needs "
                 "block-causal attention over [x_t ; x_0], which this backbone does not take (a bidirectional "
-                "scan has no block-causal form here); use model=transformer (or objective.block_size=null)")
+                "scan has no block-causal form here); use model=transformer or model=hf (or objective.block_size=null)")
 
     # -- the forward (noising) process --------------------------------------------------------------
     def sample_t(self, x0: torch.Tensor, generator=None, train: bool = True,
