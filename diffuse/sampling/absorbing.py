@@ -31,6 +31,12 @@ step uses log softmax(u + (w + 1)(log p − u)); each step then costs two passes
 Logits reuse: when the backbone is not time-conditioned and a step committed nothing, the next step
 reuses its log-probs (no forward pass), drawing fresh proposals from them.
 
+Caches (`cache`: null, prefix, dual; canvas_cache.py): the loop asks its canvas for each step's log-probs;
+without a cache every pass runs the whole canvas, with Fast-dLLM's prefix or dual cache the first pass of
+a block runs it whole and refreshes the cache, and the block's other passes feed only the block (dual) or
+the block and what follows it (prefix), attending to cached K/V (approximate). `SampleOutput.positions`
+counts the positions fed per row.
+
 Batch = singles: every draw happens in the frame of the generated span [B, length] from one generator
 per row (base.row_generators), and only rows that still decode the current block draw, so a row's
 random stream and tokens do not depend on the other rows; `RowCost` counts each row's passes alone.
@@ -49,13 +55,12 @@ from diffuse.sampling.base import (
     RowCost,
     SampleOutput,
     check_temperature,
-    masked_canvas,
     rand_rows,
     row_generators,
     sample_tokens,
-    take_generated,
     trim_at_eos,
 )
+from diffuse.sampling.canvas_cache import check_cache, make_canvas, take_span  # noqa: F401 (take_span: re-exported)
 from diffuse.schedules import Schedule, build_schedule
 
 REMASKING = ("low_confidence", "random")
@@ -69,11 +74,6 @@ def top_k_rows(score: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     ranks = torch.empty_like(order)
     ranks.scatter_(1, order, torch.arange(score.shape[1], device=score.device).expand_as(order))
     return ranks < k[:, None]
-
-
-def take_span(values: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
-    """values[b, span[b, j]] for every row b and generated slot j: [B, W, V] → [B, length, V]."""
-    return values.gather(1, span[..., None].expand(-1, -1, values.shape[-1]))
 
 
 def schedule_share(schedule: Schedule) -> Count:
@@ -134,7 +134,7 @@ class AbsorbingSampler:
     processes = (ABSORBING,)
 
     def __init__(self, rule, *, steps: int, schedule, temperature: float, eps: float,
-                 block_length: int | None = None, cfg_scale: float = 0.0):
+                 block_length: int | None = None, cfg_scale: float = 0.0, cache: str | None = None):
         if int(steps) <= 0:
             raise DiffuseError(f"sampler.steps={steps} must be positive")
         if block_length is not None and int(block_length) <= 0:
@@ -145,6 +145,7 @@ class AbsorbingSampler:
         self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
         self.block_length = None if block_length is None else int(block_length)
         self.cfg_scale = float(cfg_scale)
+        self.cache = check_cache(cache)
 
     def blocks(self, length: int) -> list[tuple[int, int, int]]:
         """(start, end, steps) per block; steps split as evenly as possible, earlier blocks first."""
@@ -160,38 +161,27 @@ class AbsorbingSampler:
     def generate(self, backbone, objective, prompts, length, seed=0) -> SampleOutput:
         special = objective.special
         device = next(backbone.parameters()).device
-        canvas, seg, starts = masked_canvas(prompts, length, special, device)
-        span = starts[:, None] + torch.arange(length, device=device)  # canvas column of each generated slot
-        in_prompt = (torch.arange(canvas.shape[1], device=device) < starts[:, None]) & (canvas != special.bos)
+        canvas = make_canvas(self.cache, backbone, objective, prompts, length, self.cfg_scale)
         gens = row_generators(seed, len(prompts), device)
         reusable = not getattr(backbone, "time_conditioned", False)
         nfe, logp, cost = 0, None, RowCost(len(prompts), reusable, device)
 
-        def predict(x, t):
-            """Log-probs [B, length, V] for the generated span, and the forward passes it cost."""
-            z = canvas.scatter(1, span, x)
-            cond = take_span(objective.predict(backbone, z, t, {"segment_ids": seg}), span)
-            if self.cfg_scale == 0:
-                return cond, 1
-            z_un = z.masked_fill(in_prompt, special.mask)
-            un = take_span(objective.predict(backbone, z_un, t, {"segment_ids": seg}), span)
-            guided = (un + (self.cfg_scale + 1.0) * (cond - un)).nan_to_num(nan=float("-inf"))
-            return guided.log_softmax(-1), 2
-
-        x = take_generated(canvas, starts, length)  # all [MASK]
+        x = torch.full((len(prompts), length), special.mask, dtype=torch.long, device=device)
         for lo, hi, steps in self.blocks(length):
             eligible = torch.zeros(length, dtype=torch.bool, device=device)
             eligible[lo:hi] = True
             grid = self.schedule.grid(steps, self.eps, device)
+            first = True  # the block's first pass (a cache refreshes there)
             for i in range(steps):
                 masked = (x == special.mask) & eligible
                 active = masked.any(1)  # rows still decoding this block; the others wait for the batch
                 if not active.any():
                     break
                 if logp is None or not reusable:
-                    logp, passes = predict(x, grid[i].float().expand(len(prompts), 1))
+                    logp, passes = canvas.predict(x, grid[i].float().expand(len(prompts), 1), (lo, hi), first)
                     nfe += passes
                     cost.forward(active, passes)
+                    first = False
                 proposal = sample_tokens(logp, self.temperature, gens, active=active)
                 if i == steps - 1:
                     reveal = masked  # the block's last step commits the rest
@@ -202,4 +192,4 @@ class AbsorbingSampler:
                     logp = None  # the input changed: the next step needs a fresh forward pass
                     cost.changed(reveal.any(1))
         tokens, lengths = trim_at_eos(x, special)
-        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], cost.per_row)
+        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], cost.per_row, canvas.positions)

@@ -17,6 +17,11 @@ masked_discrete).
   confident one per step; the last step of a block commits the rest. `steps` is then only a cap, so
   confident models spend fewer forward passes. Blocks and guidance as for `llada`.
 
+Both take `cache` (null, prefix or dual): Fast-dLLM's approximate KV caches for full-sequence
+bidirectional transformers (canvas_cache.py). The first pass of each block runs the whole canvas and
+refreshes the cache; the block's other passes feed the block and the suffix (prefix) or the block alone
+(dual). Faster, not exact: the cached K/V saw the block as it was at its first step.
+
 Defaults are those of conf/sampler/llada.yaml and conf/sampler/threshold.yaml.
 """
 
@@ -32,20 +37,20 @@ from diffuse.schedules import LinearSchedule, build_schedule
 class LLaDASampler(AbsorbingSampler):
     def __init__(self, steps: int = 64, block_length: int | None = 32, schedule: str = "linear",
                  temperature: float = 1.0, remasking: str = "low_confidence", cfg_scale: float = 0.0,
-                 eps: float = 1e-3):
+                 eps: float = 1e-3, cache: str | None = None):
         schedule = build_schedule(schedule)
         count = even_share if isinstance(schedule, LinearSchedule) else schedule_share(schedule)
         super().__init__(CommitTopK(count, remasking), steps=steps, schedule=schedule, temperature=temperature,
-                         eps=eps, block_length=block_length, cfg_scale=cfg_scale)
+                         eps=eps, block_length=block_length, cfg_scale=cfg_scale, cache=cache)
 
 
 @SAMPLERS.register("threshold")
 class ThresholdSampler(AbsorbingSampler):
     def __init__(self, threshold: float = 0.9, steps: int = 64, block_length: int | None = None,
-                 temperature: float = 1.0, cfg_scale: float = 0.0, eps: float = 1e-3):
+                 temperature: float = 1.0, cfg_scale: float = 0.0, eps: float = 1e-3, cache: str | None = None):
         if not 0.0 < threshold <= 1.0:
             raise DiffuseError(f"sampler.threshold={threshold} must lie in (0, 1]")
         # the schedule only places the time grid (uniform in t for every schedule) given to the backbone
         super().__init__(CommitTopK(one_per_step, "low_confidence", float(threshold)), steps=steps,
                          schedule="linear", temperature=temperature, eps=eps, block_length=block_length,
-                         cfg_scale=cfg_scale)
+                         cfg_scale=cfg_scale, cache=cache)
