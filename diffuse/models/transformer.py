@@ -170,6 +170,8 @@ class Transformer(nn.Module):
             raise DiffuseError(f"model.d_model={d_model} must split into model.n_heads={n_heads} even-sized heads")
         if attention not in ATTENTION:
             raise DiffuseError(f"model.attention={attention!r} must be one of {', '.join(ATTENTION)}")
+        if attention == "flex" and dropout > 0:
+            raise DiffuseError(f"model.attention=flex has no attention dropout: set model.dropout=0 (got {dropout})")
         self.attention = attention
         self.vocab_size, self.d_model = vocab_size, d_model
         self.tok_emb = nn.Embedding(vocab_size, d_model)
