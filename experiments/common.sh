@@ -8,3 +8,12 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
 DATA=${DATA:-$(realpath ../shared/data/tinyshakespeare/input.txt)}
 OUT=${OUT:-experiments/runs/$STUDY}
 HERE=experiments/$STUDY
+
+# train NAME OVERRIDES…: one run into $OUT/NAME with the study's COMMON overrides and THREADS threads;
+# a run that already wrote metrics.json is kept (a rerun only re-measures)
+train() {
+  local name=$1; shift
+  [ -f "$OUT/$name/metrics.json" ] && { echo "skip $name (done)"; return; }
+  OMP_NUM_THREADS=$THREADS python -m diffuse.train "${COMMON[@]}" "$@" "hydra.run.dir=$OUT/$name" > "$OUT/$name.log" 2>&1
+  echo "trained $name"
+}

@@ -22,12 +22,6 @@ COMMON=(data=text "data.path=$DATA" tokenizer=byte optim.lr=1e-3 optim.warmup_st
         callbacks.progress_bar=null "${SHAPE[@]}")
 THREADS=$([ $PARALLEL = 1 ] && echo 1 || nproc)
 
-train() {  # $1 = run name, rest = overrides
-  local name=$1; shift
-  [ -f "$OUT/$name/metrics.json" ] && { echo "skip $name (done)"; return; }
-  OMP_NUM_THREADS=$THREADS python -m diffuse.train "${COMMON[@]}" "$@" "hydra.run.dir=$OUT/$name" > "$OUT/$name.log" 2>&1
-  echo "trained $name"
-}
 mkdir -p "$OUT" "$HERE/results"
 if [ $PARALLEL = 1 ]; then  # two lanes of one thread each, the two slow block runs first
   { train block4 objective=masked_discrete objective.block_size=4; train ar objective=autoregressive;

@@ -29,12 +29,6 @@ COMMON=(data=text "data.path=$DATA" tokenizer=byte optim.lr=1e-3 optim.warmup_st
 CDLM=(regularizer=cdlm_consistency regularizer.weight=0.5 regularizer.delta_min=50 regularizer.delta_max=200)
 THREADS=$([ $PARALLEL = 1 ] && echo 1 || nproc)
 
-train() {  # $1 = run name, rest = overrides
-  local name=$1; shift
-  [ -f "$OUT/$name/metrics.json" ] && { echo "skip $name (done)"; return; }
-  OMP_NUM_THREADS=$THREADS python -m diffuse.train "${COMMON[@]}" "$@" "hydra.run.dir=$OUT/$name" > "$OUT/$name.log" 2>&1
-  echo "trained $name"
-}
 mkdir -p "$OUT" "$HERE/results"
 
 MASKED=(objective=masked_discrete sampler=remask "${TRANSFORMER[@]}")
