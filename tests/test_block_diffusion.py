@@ -169,6 +169,32 @@ def test_smaller_blocks_see_less_so_their_bound_differs():
     assert abs(a.nll_sum.item() - b.nll_sum.item()) > 1e-3
 
 
+def test_corruption_level_is_the_blocks_own_so_every_accuracy_bucket_fills():
+    """A t per block: the row's mask ratio would sit near one half; each token's level is its block's."""
+    obj = MaskedDiscrete(build_schedule("linear"), SPECIAL, block_size=4)
+    out = obj.loss(UniformBackbone(), batch_of(8, 128), gen(0), train=False)
+    level = out.token_level
+    assert (level < 0.3).any() and (level > 0.7).any() and level.max() <= 1.0
+
+
+def test_time_conditioned_blocks_give_the_clean_copy_t_zero_on_every_path():
+    """The t_range path (gradient analysis) draws t [B, 1]: the clean half still sees t = 0."""
+    seen = []
+
+    class Spy(UniformBackbone):
+        time_conditioned = True
+
+        def forward(self, ids=None, t=None, **kw):
+            seen.append(t)
+            return super().forward(ids=ids, t=t, **kw)
+
+    obj = MaskedDiscrete(build_schedule("linear"), SPECIAL, block_size=4)
+    for t_range in (None, (0.4, 0.6)):
+        obj.loss(Spy(), batch_of(2, 8), gen(0), t_range=t_range)
+        t = seen[-1]
+        assert t.shape == (2, 16) and (t[:, 8:] == 0).all() and (t[:, :8] > 0).all()
+
+
 def test_block_size_must_be_a_positive_integer():
     for bad in (0, -2, 2.5, True):
         with pytest.raises(DiffuseError, match="objective.block_size"):
@@ -286,7 +312,8 @@ def test_hf_backbone_trains_blocks_and_decodes_them_without_a_cache():
     with torch.no_grad():
         a, b = make(None).loss(model, batch, gen(2), train=False), make(12).loss(model, batch, gen(2), train=False)
     torch.testing.assert_close(b.nll_sum, a.nll_sum, rtol=1e-5, atol=1e-5)
-    out = BlockSampler(steps=2, use_cache=False).generate(model, make(4), [[1, 2], [3]], 8, seed=0)
+    out = BlockSampler(steps=2).generate(model, make(4), [[1, 2], [3]], 8, seed=0)  # use_cache null: none here
     assert out.tokens.shape == (2, 8)
-    with pytest.raises(DiffuseError, match="use sampler.use_cache=false"):
-        BlockSampler(steps=2).generate(model, make(4), [[1]], 8)
+    assert torch.equal(out.tokens, BlockSampler(steps=2, use_cache=False).generate(model, make(4), [[1, 2], [3]], 8).tokens)
+    with pytest.raises(DiffuseError, match="sampler.use_cache=true, but HFCausalLM has no KV cache"):
+        BlockSampler(steps=2, use_cache=True).generate(model, make(4), [[1]], 8)

@@ -17,6 +17,7 @@ from diffuse.errors import DiffuseError
 from diffuse.evaluation.likelihood import evaluate_likelihood
 from diffuse.evaluation.quality import degenerate, real_snippets, reference
 from diffuse.evaluation.sweep import sweep
+from diffuse.registry import SAMPLERS
 
 
 @dataclass
@@ -102,11 +103,13 @@ def evaluate_checkpoint(ckpt: Checkpoint, settings, data_cfg: dict, judge, cache
                                                    seed, track=track, total=total)
 
     if int(settings.num_samples) > 0:
-        check_context(ckpt.cfg, [[]], int(settings.length), bool(settings.get("beyond_context", False)))
+        spec = sampler_spec(settings, ckpt.cfg, ckpt.module.objective, shorthands=("temperature",))
+        # a block-causal sampler may run past the trained length (it warns instead), as in diffuse.sample
+        beyond = bool(settings.get("beyond_context", False)) or getattr(SAMPLERS.get(spec["name"]), "any_length", False)
+        check_context(ckpt.cfg, [[]], int(settings.length), beyond)
         if judge is None:
             result["notes"].append("gen-PPL skipped: no judge (give judge=PATH to an autoregressive diffuse "
                                    "checkpoint, or judge=hf judge_model=…)")
-        spec = sampler_spec(settings, ckpt.cfg, ckpt.module.objective, shorthands=("temperature",))
         points, samples = sweep(ckpt.module, spec, step_list(settings, spec), ckpt.tokenizer, judge,
                                 int(settings.num_samples), int(settings.length), int(settings.batch_size), seed,
                                 track=track)

@@ -97,6 +97,17 @@ class AbsorbingObjective(nn.Module):
     def extra_metrics(self, t, masked, nll) -> dict[str, torch.Tensor]:
         return {}
 
+    def corruption_level(self, masked: torch.Tensor, maskable: torch.Tensor) -> torch.Tensor:
+        """[B, L]: the realised mask ratio of each token's row, or of its block under block diffusion (a t per
+        block: the row's average would sit near one half and empty the low/high accuracy buckets)."""
+        B, L = masked.shape
+        size = self.block_size or L
+        pad = -L % size
+        def per_block(x):
+            return torch.nn.functional.pad(x.float(), (0, pad)).view(B, -1, size).sum(-1, keepdim=True)
+        ratio = per_block(masked) / per_block(maskable).clamp_min(1)
+        return ratio.expand(B, ratio.shape[1], size).reshape(B, -1)[:, :L]
+
     def check_backbone(self, backbone, model_name: str) -> None:
         """Block diffusion needs a backbone that takes a BlockLayout (the transformer does)."""
         if self.block_size is not None and not getattr(backbone, "supports_block_layout", False):
@@ -143,8 +154,8 @@ class AbsorbingObjective(nn.Module):
         # block diffusion: [x_t ; x_0] under the BD3LM mask; the noisy half's hidden states predict x0
         B, L = z.shape
         seg = batch.get("segment_ids")
-        if t_in.dim() == 2:  # t per token: the clean copy is at t = 0
-            t_in = torch.cat([t_in, torch.zeros_like(t_in)], 1)
+        t_tok = t.expand(B, L) if t.dim() == 2 else t.reshape(B, 1).expand(B, L)  # t per token (t_range: [B, 1])
+        t_in = torch.cat([t_tok, torch.zeros_like(t_tok)], 1)  # the clean copy is at t = 0
         layout = BlockLayout.noisy_and_clean(L, self.block_size, z.device)
         h = backbone(ids=torch.cat([z, batch["input_ids"]], 1), t=t_in,
                      segment_ids=None if seg is None else seg.repeat(1, 2), layout=layout)
@@ -178,7 +189,7 @@ class AbsorbingObjective(nn.Module):
                                     self.train_weight(t, masked, maskable, batch), exclude=self.special.mask)
         nll_sum = (ce.nll * torch.broadcast_to(self.elbo_weight(t), masked.shape)[masked]).sum()
         n_tokens = maskable.sum()
-        level = masked.sum(1, keepdim=True) / maskable.sum(1, keepdim=True).clamp_min(1)
+        level = self.corruption_level(masked, maskable)
         return LossOutput(
             loss=ce.total,
             nll_sum=nll_sum,
@@ -186,5 +197,5 @@ class AbsorbingObjective(nn.Module):
             metrics={"mask_ratio": masked.sum() / n_tokens.clamp_min(1), **self.extra_metrics(t, masked, ce.nll)},
             token_correct=ce.correct,
             token_confidence=ce.confidence,
-            token_level=level.expand_as(masked)[masked],
+            token_level=level[masked],
         )

@@ -13,7 +13,11 @@ clean prefix in training (models/layers.py BlockLayout). So the K/V of a committ
     commit       one pass over the finished block writes its K/V to the cache (skipped after the last)
 
 A sample's cost is therefore b·(steps + 1) positions per block and never a re-run of its prefix.
-`use_cache=false` decodes the same thing without a cache — each step re-runs the whole canvas under the
+Blocks are counted from the first generated token, where training aligned them at BOS; packed training rows
+start documents at every offset, so any alignment was seen (with `data.pack=false`, e.g. SFT, the answer's
+first block was trained mid-grid: the partial block here is the same situation for the prompt side).
+`use_cache` (null: the cache where the backbone has one — model=hf has none) `=false` decodes the same thing
+without a cache — each step re-runs the whole canvas under the
 block-causal mask — and gives the same tokens (tests/test_block_diffusion.py): the cache is exact.
 A row stops at the end of the block holding its first EOS (lengths are per sample); generation may run
 past the trained length (the cache grows with it; positions past `data.seq_len` were never trained).
@@ -48,7 +52,7 @@ class BlockSampler:
     any_length = True  # block-causal: nothing ties the length to the trained canvas
 
     def __init__(self, steps: int = 8, threshold: float | None = None, remasking: str = "low_confidence",
-                 temperature: float = 1.0, use_cache: bool = True, eps: float = 1e-3):
+                 temperature: float = 1.0, use_cache: bool | None = None, eps: float = 1e-3):
         if int(steps) <= 0:
             raise DiffuseError(f"sampler.steps={steps} must be positive (denoising steps per block)")
         if threshold is not None and not 0.0 < threshold <= 1.0:
@@ -56,7 +60,7 @@ class BlockSampler:
         if remasking not in REMASKING:
             raise DiffuseError(f"sampler.remasking={remasking!r} must be low_confidence or random")
         self.steps, self.temperature, self.eps = int(steps), check_temperature(temperature), eps
-        self.use_cache = bool(use_cache)
+        self.use_cache = use_cache  # None: the cache when the backbone has one (model=hf has none)
         self.rule = (CommitTopK(one_per_step, "low_confidence", float(threshold)) if threshold is not None
                      else CommitTopK(even_share, remasking))
         self.schedule = build_schedule("linear")  # places the time grid handed to time-conditioned models
@@ -69,16 +73,18 @@ class BlockSampler:
                                "has none (use sampler=llada for a full-sequence model)")
         if length <= 0:
             raise DiffuseError(f"sampler length={length} must be positive")
-        if self.use_cache and not hasattr(backbone, "new_cache"):
-            raise DiffuseError(f"{type(backbone).__name__} has no KV cache: use sampler.use_cache=false")
+        use_cache = hasattr(backbone, "new_cache") if self.use_cache is None else bool(self.use_cache)
+        if use_cache and not hasattr(backbone, "new_cache"):
+            raise DiffuseError(f"sampler.use_cache=true, but {type(backbone).__name__} has no KV cache: use "
+                               "sampler.use_cache=null (the cache where there is one) or false")
         special, device, B = objective.special, next(backbone.parameters()).device, len(prompts)
         head, head_seg = left_padded(prompts, special, device)
         W = head.shape[1]
         x = torch.full((B, length), special.mask, dtype=torch.long, device=device)
         gens = row_generators(seed, B, device)
         cost, done = RowCost(B, False, device), torch.zeros(B, dtype=torch.bool, device=device)
-        run = _Cached(backbone, head, head_seg, size, length) if self.use_cache else _Uncached(backbone, head, head_seg, size)
-        if self.use_cache:  # the prompt's prefill: alone, a row runs its own prompt's blocks
+        run = _Cached(backbone, head, head_seg, size, length) if use_cache else _Uncached(backbone, head, head_seg, size)
+        if use_cache:  # the prompt's prefill: alone, a row runs its own prompt's blocks
             cost.per_row += -(-head_seg.sum(1) // size)
         for lo in range(0, length, size):
             hi = min(length, lo + size)
