@@ -52,7 +52,7 @@ def test_the_loss_takes_t_range(name):
 
 
 OBJECTIVES_ = {
-    "masked_discrete": (lambda: MaskedDiscrete(build_schedule("linear"), SPECIAL), ABSORBING, "remask"),
+    "masked_discrete": (lambda: MaskedDiscrete(build_schedule("linear"), SPECIAL), ABSORBING, "ancestral"),
     "llada": (lambda: LLaDA(SPECIAL, build_schedule("linear")), ABSORBING, "llada"),
     "autoregressive": (lambda: Autoregressive(SPECIAL), AUTOREGRESSIVE, "ar"),
 }

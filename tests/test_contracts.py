@@ -67,7 +67,7 @@ def test_a_component_missing_part_of_its_contract_is_named_at_build_time():
         check_contract(NoProcess(), Objective, "objective=x")
 
 
-@pytest.mark.parametrize("name,expected", [("masked_discrete", "remask"), ("llada", "llada"),
+@pytest.mark.parametrize("name,expected", [("masked_discrete", "ancestral"), ("llada", "llada"),
                                            ("autoregressive", "ar"), ("continuous", "ddim")])
 def test_the_sampler_defaults_to_the_objectives_own(name, expected):
     obj = objective(name)
