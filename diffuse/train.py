@@ -78,6 +78,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         extra_callbacks = [rundir.ApplyOptimConfig(changes)] if changes else []
 
     dm = build_datamodule(cfg, seed=cfg.seed, cache_dir=cfg.paths.cache_dir)
+    log.info("[1/3] tokenize: %s, tokenizer=%s", cfg.data.get("name"), cfg.tokenizer.get("name"))
     tokenizer = dm.load(ckpt_tokenizer)
     module = build_module(cfg, tokenizer, run_config=run_config)
     if ckpt_path:
@@ -99,6 +100,7 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
                                      plugins=[checkpoint_io], default_root_dir=str(run_dir))
     refuse_spawned_ranks(trainer)
     dm.accumulate = trainer.accumulate_grad_batches
+    log.info("[2/3] train: %d steps of %d rows × %d tokens", trainer.max_steps, dm.batch_size, dm.seq_len)
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
 
     fit_metrics = dict(trainer.callback_metrics)  # validate() below starts a fresh set: keep train/*
@@ -122,12 +124,39 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     log.info("done at step %d: %s", trainer.global_step, summary)
 
     if cfg.get("num_samples", 0) > 0:
-        out = module.generate([[] for _ in range(cfg.num_samples)], cfg.sample_length, seed=cfg.seed)
-        for i, (row, n) in enumerate(zip(out.tokens.tolist(), out.lengths.tolist())):
-            text = tokenizer.decode(row[:n], skip_special_tokens=True)
-            print(f"--- sample {i} ({n} tokens, {out.nfe} forward passes) ---\n{text}")
+        print_samples(cfg, module, tokenizer, dm, flat, run_dir)
     wait_for_other_ranks(trainer)
     return flat
+
+
+def print_samples(cfg: DictConfig, module, tokenizer, dm, flat: dict, run_dir: Path) -> None:
+    """The samples, how they read (diffuse/evaluation/readable.py), val/bpt, the run dir and what to try next."""
+    from diffuse.evaluation import readable
+
+    sampler = module.sampler
+    steps = f", {sampler.steps} steps" if getattr(sampler, "steps", None) else ""
+    log.info("[3/3] sample: %d × %d tokens, sampler=%s%s", cfg.num_samples, cfg.sample_length,
+             sampler.registry_name, steps)
+    out = module.generate([[] for _ in range(cfg.num_samples)], cfg.sample_length, seed=cfg.seed)
+    rows = [row[:n] for row, n in zip(out.tokens.tolist(), out.lengths.tolist())]
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+    for i, (row, text) in enumerate(zip(rows, texts)):
+        print(f"--- sample {i} ({len(row)} tokens, {out.nfe} forward passes) ---\n{text}")
+    special = set(tokenizer.all_special_ids)
+    real = [t for text in dm.raw["validation"]["text"][:2000]
+            for t in tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]]
+    metrics = readable.word_metrics(texts, readable.corpus_words(dm.raw["train"]["text"]))
+    metrics["entropy"], metrics["real_entropy"] = readable.matched_entropy(
+        [[t for t in row if t not in special] for row in rows], real)
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    bpt = flat.get("val/bpt")
+    print(f"---\nsamples: {readable.describe(metrics)}\n"
+          f"val/bpt: {'n/a' if bpt is None else f'{bpt:.3f}'} (bits per token on held-out text; lower is better)\n"
+          f"run dir: {run_dir}\n"
+          "next:\n"
+          f'  python -m diffuse.sample ckpt={ckpt} prompt="The for statement" num_samples=2\n'
+          f"  python -m diffuse.evaluate ckpt={ckpt}\n"
+          "  python -m diffuse.train recipe=tdlm        # a 7M-parameter recipe (TDLM); README lists the others")
 
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
