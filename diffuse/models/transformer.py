@@ -76,7 +76,8 @@ class KVCache:
         end = start + L
         if end > self.capacity:
             raise DiffuseError(
-                f"KV cache full: {L} new positions from position {start} end at {end} > capacity {self.capacity} "
+                f"KV cache full: {start} {'cached' if start == self.length else 'kept (after a seek)'} + {L} new = "
+                f"{end} positions > capacity {self.capacity} "
                 f"(ask new_cache(max_length=...) for at least {end})"
             )
         if self.segment_ids is None:
