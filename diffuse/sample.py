@@ -42,9 +42,7 @@ def sample(cfg: DictConfig) -> list[dict]:
     module.to(pick_device(cfg.device))
     sampler = build_sampler(sampler_spec(cfg, train_cfg, module.objective), module.objective)
     prompts = encode_prompts(cfg, tokenizer)
-    # a block-causal sampler may run past the trained length (it warns instead)
-    beyond = bool(cfg.get("beyond_context", False)) or getattr(sampler, "any_length", False)
-    check_context(train_cfg, prompts, int(cfg.length), beyond)
+    check_context(train_cfg, prompts, int(cfg.length), bool(cfg.get("beyond_context", False)), sampler)
     records = []
     for start in range(0, len(prompts), cfg.batch_size):
         chunk = prompts[start : start + cfg.batch_size]

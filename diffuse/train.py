@@ -129,6 +129,9 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
     return flat
 
 
+CORPUS_DOCS = 100_000  # training documents whose words the end-of-run readability check counts as known
+
+
 def print_samples(cfg: DictConfig, module, tokenizer, dm, flat: dict, run_dir: Path) -> None:
     """The samples, how they read (diffuse/evaluation/readable.py), val/bpt, the run dir and what to try next."""
     from diffuse.evaluation import readable
@@ -143,9 +146,12 @@ def print_samples(cfg: DictConfig, module, tokenizer, dm, flat: dict, run_dir: P
     for i, (row, text) in enumerate(zip(rows, texts)):
         print(f"--- sample {i} ({len(row)} tokens, {out.nfe} forward passes) ---\n{text}")
     special = set(tokenizer.all_special_ids)
-    real = [t for text in dm.raw["validation"]["text"][:2000]
+    real = [t for text in dm.raw["validation"][:2000]["text"]
             for t in tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]]
-    metrics = readable.word_metrics(texts, readable.corpus_words(dm.raw["train"]["text"]))
+    # the training text's words: at most CORPUS_DOCS documents (the embedded corpus has ~2.5k), so the end of a
+    # run on a large corpus does not pull all of its text into memory
+    vocabulary = readable.corpus_words(dm.raw["train"][:CORPUS_DOCS]["text"])
+    metrics = readable.word_metrics(texts, vocabulary)
     metrics["entropy"], metrics["real_entropy"] = readable.matched_entropy(
         [[t for t in row if t not in special] for row in rows], real)
     ckpt = run_dir / "checkpoints" / "last.ckpt"

@@ -104,9 +104,8 @@ def evaluate_checkpoint(ckpt: Checkpoint, settings, data_cfg: dict, judge, cache
 
     if int(settings.num_samples) > 0:
         spec = sampler_spec(settings, ckpt.cfg, ckpt.module.objective, shorthands=("temperature",))
-        # a block-causal sampler may run past the trained length (it warns instead), as in diffuse.sample
-        beyond = bool(settings.get("beyond_context", False)) or getattr(SAMPLERS.get(spec["name"]), "any_length", False)
-        check_context(ckpt.cfg, [[]], int(settings.length), beyond)
+        check_context(ckpt.cfg, [[]], int(settings.length), bool(settings.get("beyond_context", False)),
+                      SAMPLERS.get(spec["name"]))
         if judge is None:
             result["notes"].append("gen-PPL skipped: no judge (give judge=PATH to an autoregressive diffuse "
                                    "checkpoint, or judge=hf judge_model=…)")

@@ -125,11 +125,11 @@ class BlockLayout:
         """Boolean SDPA mask [B, 1, L, L], documents and padding applied as in `attention_mask`."""
         n = len(self.block)
         idx = torch.arange(n, device=self.block.device)
-        allowed = self.visible(idx[:, None], idx[None, :])[None]
-        if segment_ids is not None:
-            allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :]) & (segment_ids[:, None, :] > 0)
+        allowed = self.visible(idx[:, None], idx[None, :])
+        if segment_ids is not None:  # attention_mask's own rule for documents and padding
+            allowed = allowed & attention_mask(segment_ids, False, n)
         allowed = allowed | torch.eye(n, dtype=torch.bool, device=idx.device)  # no empty row (padding)
-        return allowed.expand(batch, n, n)[:, None]
+        return allowed.expand(batch, 1, n, n)
 
 
 FLEX_BLOCK = 128  # FlexAttention's tile: on CPU, lengths that are not a multiple of it gave wrong outputs

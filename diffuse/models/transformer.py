@@ -153,6 +153,8 @@ class Block(nn.Module):
 
 @MODELS.register("transformer")
 class Transformer(nn.Module):
+    supports_block_layout = True  # models without it refuse objective.block_size at build time
+
     def __init__(
         self,
         vocab_size: int,
@@ -233,8 +235,6 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, causal, cache, i)
         return self.norm(x)
-
-    supports_block_layout = True  # models without it refuse objective.block_size at build time
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)

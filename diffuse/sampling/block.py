@@ -86,9 +86,9 @@ class BlockSampler:
         run = _Cached(backbone, head, head_seg, size, length) if use_cache else _Uncached(backbone, head, head_seg, size)
         if use_cache:  # the prompt's prefill: alone, a row runs its own prompt's blocks
             cost.per_row += -(-head_seg.sum(1) // size)
+        grid = self.schedule.grid(self.steps, self.eps, device)  # every block runs on the same time grid
         for lo in range(0, length, size):
             hi = min(length, lo + size)
-            grid = self.schedule.grid(self.steps, self.eps, device)
             for i in range(self.steps):
                 masked = (x[:, lo:hi] == special.mask) & ~done[:, None]
                 active = masked.any(1)
