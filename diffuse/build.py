@@ -7,10 +7,10 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from diffuse.contracts import Backbone, Objective, Regularizer, Sampler, check_contract
+from diffuse.contracts import Backbone, Distiller, Objective, Regularizer, Sampler, check_contract
 from diffuse.errors import DiffuseError
 from diffuse.objectives.base import SpecialTokens
-from diffuse.registry import MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS
+from diffuse.registry import DISTILLERS, MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS
 from diffuse.schedules import build_schedule
 
 log = logging.getLogger("diffuse")
@@ -66,6 +66,17 @@ def build_regularizers(cfg) -> list:
     return regularizers
 
 
+def build_distiller(cfg, objective):
+    """`distill` (written by diffuse.distill into each round's config): the method and its teacher; None
+    when the run trains the objective itself."""
+    spec = as_dict(cfg.get("distill"))
+    if not spec:
+        return None
+    distiller = DISTILLERS.build(spec, objective=objective)
+    check_contract(distiller, Distiller, f"method={spec.get('name')}")
+    return distiller
+
+
 def sampler_fits(sampler_cls, objective) -> bool:
     return objective.process in sampler_cls.processes
 
@@ -111,9 +122,11 @@ def check_optim(optim: dict) -> None:
         raise DiffuseError(f"optim.betas={betas} must be two numbers in [0, 1)")
 
 
-def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legacy: bool = False):
+def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legacy: bool = False,
+                 inference: bool = False):
     """`legacy`: a checkpoint written before samplers were checked against the objective's process may
-    name a sampler that never fitted (it was silently replaced then); it is replaced again, and said so."""
+    name a sampler that never fitted (it was silently replaced then); it is replaced again, and said so.
+    `inference`: for sampling and evaluation, without what only training needs (a distillation teacher)."""
     from diffuse.module import DiffusionLM
 
     backbone = build_model(cfg, tokenizer)
@@ -137,6 +150,7 @@ def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legac
         sampler=build_sampler(sampler_cfg, objective),
         tokenizer=tokenizer,
         run_config=run_config,
+        distiller=None if inference else build_distiller(cfg, objective),
     )
 
 
@@ -162,3 +176,19 @@ def check_checkpoint_fits(module, ckpt: dict, ckpt_path: str) -> None:
             f"checkpoint {ckpt_path} was written by another config ({len(missing)} missing, {len(extra)} unexpected, "
             f"{len(shapes)} reshaped tensors, e.g. {first}); use the config it was trained with"
         )
+
+
+def load_weights(module, ckpt: dict, ckpt_path: str, key: str = "init_from") -> None:
+    """Start `module` from a checkpoint's weights (its EMA weights when it kept them), nothing else: not its
+    step, optimizer or objective. One line names what does not fit."""
+    from diffuse.ema import inference_state_dict
+
+    theirs = inference_state_dict(ckpt)
+    mine = module.state_dict()
+    missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
+    shapes = sorted(k for k in set(mine) & set(theirs) if tuple(mine[k].shape) != tuple(theirs[k].shape))
+    if missing or extra or shapes:
+        first = (shapes or missing or extra)[0]
+        raise DiffuseError(f"{key}={ckpt_path} does not fit this model ({len(missing)} missing, {len(extra)} "
+                           f"unexpected, {len(shapes)} reshaped tensors, e.g. {first}); use its model config")
+    module.load_state_dict(theirs)

@@ -120,7 +120,8 @@ def load_run(ckpt_path: str, map_location="cpu", key: str = "ckpt"):
         raise DiffuseError(f"{key}={ckpt_path} was not written by diffuse (no config/tokenizer inside)")
     cfg = OmegaConf.create(meta["config"])
     tokenizer = tokenizer_from_state(meta["tokenizer"])
-    module = build_module(cfg, tokenizer, run_config=meta["config"], legacy=True)
+    # a distilled student samples and evaluates without its teacher
+    module = build_module(cfg, tokenizer, run_config=meta["config"], legacy=True, inference=True)
     from diffuse.ema import inference_state_dict  # the EMA weights when the run averaged them (callbacks=ema)
     module.load_state_dict(inference_state_dict(ckpt))
     module.eval()

@@ -118,6 +118,17 @@ class Regularizer(Protocol):
 
 
 @runtime_checkable
+class Distiller(Protocol):
+    """An `nn.Module` whose loss replaces the objective's in training (diffuse/distillation): built with the
+    objective it trains, holding no state of its own (a student's checkpoint is an ordinary one)."""
+
+    def loss(self, objective: Objective, backbone: Backbone, batch: Batch,
+             generator: torch.Generator | None = None) -> Any:
+        """A LossOutput: `loss` is optimised; validation keeps the objective's own bound."""
+        ...
+
+
+@runtime_checkable
 class Sampler(Protocol):
     """A strategy over an objective's reverse process."""
 

@@ -34,7 +34,7 @@ log = logging.getLogger("diffuse")
 PLUGIN_GROUP = "diffuse.plugins"
 # the families' homes: packages are walked module by module; schedules is a single module
 FAMILY_PACKAGES = ("diffuse.models", "diffuse.objectives", "diffuse.regularizers", "diffuse.sampling",
-                   "diffuse.schedules", "diffuse.data")
+                   "diffuse.schedules", "diffuse.data", "diffuse.distillation")
 
 
 def family_modules() -> list[str]:

@@ -30,11 +30,12 @@ def target_accepts(target: str, name: str) -> bool:
 
 class DiffusionLM(L.LightningModule):
     def __init__(self, backbone, objective, regularizers=(), optim: dict | None = None, seed: int = 0,
-                 sampler=None, tokenizer=None, run_config: dict | None = None):
+                 sampler=None, tokenizer=None, run_config: dict | None = None, distiller=None):
         super().__init__()
         self.backbone = backbone
         self.objective = objective  # an nn.Module: its own networks and buffers move and save with this one
         self.regularizers = nn.ModuleList(regularizers)
+        self.distiller = distiller  # diffuse.distill: its loss replaces the objective's in training (no state)
         self.optim = dict(optim or {})
         self.seed = seed
         self.sampler = sampler
@@ -53,7 +54,10 @@ class DiffusionLM(L.LightningModule):
                               rank=rank, world_size=world)
         for component in (self.objective, *self.regularizers):  # curricula and annealing read it
             component.global_step = self.global_step
-        out = self.objective.loss(self.backbone, batch, gen, train=True)
+        if self.distiller is not None:
+            out = self.distiller.loss(self.objective, self.backbone, batch, gen)
+        else:
+            out = self.objective.loss(self.backbone, batch, gen, train=True)
         total = out.loss
         logs = {"train/objective_loss": out.loss, **{f"train/{k}": v for k, v in out.metrics.items()}}
         for i, reg in enumerate(self.regularizers):

@@ -95,4 +95,5 @@ SCHEDULES = Registry("schedule")
 SAMPLERS = Registry("sampler")
 TOKENIZERS = Registry("tokenizer")
 DATASETS = Registry("data")
+DISTILLERS = Registry("distill method")
 

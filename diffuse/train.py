@@ -17,7 +17,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from diffuse.build import build_datamodule, build_module, check_checkpoint_fits
+from diffuse.build import build_datamodule, build_module, check_checkpoint_fits, load_weights
 from diffuse.callbacks import Throughput, flat_metrics, write_metrics_json
 from diffuse.checkpoint import AtomicCheckpointIO, checkpoint_tokenizer, read_checkpoint, stored_config
 from diffuse import rundir
@@ -51,7 +51,11 @@ def wait_for_other_ranks(trainer: L.Trainer, timeout: float = 300.0) -> None:
 
 @one_line_errors
 def train(cfg: DictConfig) -> dict:
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    return train_in(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def train_in(cfg: DictConfig, run_dir: Path) -> dict:
+    """One training run into `run_dir` (diffuse.distill calls it once per round)."""
     # one writer per run dir (usually locked already by the RunDirLock Hydra callback, before .hydra/)
     owns_lock = rundir.acquire(run_dir) if rundir.is_global_rank_zero() else False
     try:
@@ -77,12 +81,20 @@ def _train(cfg: DictConfig, run_dir: Path) -> dict:
         rundir.announce_optim_changes(changes)
         extra_callbacks = [rundir.ApplyOptimConfig(changes)] if changes else []
 
+    init = None
+    if cfg.get("init_from") and not ckpt_path:  # a fresh run starting from another run's weights (a student)
+        init = read_checkpoint(cfg.init_from, "init_from")
+        ckpt_tokenizer = checkpoint_tokenizer(init, cfg.init_from)
+
     dm = build_datamodule(cfg, seed=cfg.seed, cache_dir=cfg.paths.cache_dir)
     log.info("[1/3] tokenize: %s, tokenizer=%s", cfg.data.get("name"), cfg.tokenizer.get("name"))
     tokenizer = dm.load(ckpt_tokenizer)
     module = build_module(cfg, tokenizer, run_config=run_config)
     if ckpt_path:
         check_checkpoint_fits(module, ckpt, ckpt_path)
+    if init is not None:
+        load_weights(module, init, cfg.init_from)
+        del init
     dm.setup("fit")
     n_params = sum(p.numel() for p in module.backbone.parameters())
     log.info("data: %s; model: %.2fM parameters; run dir: %s", dm.describe(), n_params / 1e6, run_dir)

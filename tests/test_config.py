@@ -19,25 +19,28 @@ from omegaconf import OmegaConf, open_dict
 from conftest import run_cli
 from diffuse.build import DATAMODULE_KEYS
 from diffuse.paths import CONFIG_DIR
-from diffuse.registry import DATASETS, MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS, SCHEDULES, TOKENIZERS
+from diffuse.registry import DATASETS, DISTILLERS, MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS, SCHEDULES, TOKENIZERS
 
 CONF = Path(CONFIG_DIR)
 REQUIRED = {("tokenizer", "hf"): ["tokenizer.path=/path/to/tokenizer"]}
 REGISTRY_OF = {"model": MODELS, "objective": OBJECTIVES, "regularizer": REGULARIZERS, "schedule": SCHEDULES,
-               "sampler": SAMPLERS, "tokenizer": TOKENIZERS, "data": DATASETS}
+               "sampler": SAMPLERS, "tokenizer": TOKENIZERS, "data": DATASETS, "method": DISTILLERS}
 # keyword arguments the builders pass at runtime (not from the yaml)
-RUNTIME_KEYS = {"model": {"vocab_size"}, "objective": {"schedule", "special"}}
+RUNTIME_KEYS = {"model": {"vocab_size"}, "objective": {"schedule", "special"},
+                "method": {"objective", "teacher", "student_steps", "trajectories"}}
+# groups of another entry point than diffuse.train: (its config, what it requires)
+ENTRY_OF = {"method": ("distill", ["teacher=/path/to/teacher.ckpt"])}
 
 GROUPS = sorted(d.name for d in CONF.iterdir() if d.is_dir() and any(d.glob("*.yaml")))
 OPTIONS = [(g, f.stem) for g in GROUPS for f in sorted((CONF / g).glob("*.yaml"))]
 RECIPES = [o for g, o in OPTIONS if g == "recipe"]
 
 
-def compose_train(overrides: list[str]):
-    """Compose like `python -m diffuse.train overrides…` and resolve every interpolation."""
+def compose_train(overrides: list[str], entry: str = "train"):
+    """Compose like `python -m diffuse.<entry> overrides…` and resolve every interpolation."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = compose("train", overrides=overrides, return_hydra_config=True)
+        cfg = compose(entry, overrides=overrides, return_hydra_config=True)
     with open_dict(cfg):
         cfg.hydra.runtime.output_dir = "/tmp/diffuse-compose-test"  # what ${hydra:runtime.output_dir} reads
     HydraConfig.instance().set_config(cfg)
@@ -57,7 +60,8 @@ def test_groups_found():
 def test_every_group_option_composes(group, option):
     # the debug preset claims to work with any model and objective: check it does on those groups
     debug = ["debug=default"] if group in ("model", "objective") else []
-    cfg = compose_train([f"{group}={option}", *REQUIRED.get((group, option), []), *debug])
+    entry, required = ENTRY_OF.get(group, ("train", []))
+    cfg = compose_train([f"{group}={option}", *REQUIRED.get((group, option), []), *required, *debug], entry)
     registry = REGISTRY_OF.get(group)
     node = cfg.get(group)
     if registry is None or node is None or "name" not in node:
@@ -69,8 +73,9 @@ def test_every_group_option_composes(group, option):
     cls = registry.get(name)  # the yaml names a registered component
     if group == "data":
         spec = {k: v for k, v in spec.items() if k not in DATAMODULE_KEYS}
-    runtime = {k: None for k in RUNTIME_KEYS.get(group, ())}
+    spec = {k: v for k, v in spec.items() if k not in getattr(cls, "plan_keys", ())}  # read by the round plan
     params = inspect.signature(cls).parameters
+    runtime = {k: None for k in RUNTIME_KEYS.get(group, ()) if k in params}
     if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
         unknown = set(spec) - set(params)
         assert not unknown, f"{group}={option}: {cls.__name__} does not accept {sorted(unknown)}"
