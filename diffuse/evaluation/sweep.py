@@ -87,7 +87,7 @@ def speedup(a: list[dict], b: list[dict], reference_steps: int | None = None, to
 
 
 def plot_curves(curves: dict[str, list[dict]], path: str | Path, reference: dict | None = None,
-                title: str = "steps vs quality") -> Path:
+                title: str = "steps vs quality", xlabel: str = "sampling steps (AR: NFE)") -> Path:
     """Gen-PPL, entropy and seconds per sample against steps, one line per label; real text dashed."""
     import matplotlib
 
@@ -106,7 +106,7 @@ def plot_curves(curves: dict[str, list[dict]], path: str | Path, reference: dict
         if reference and ref_key and reference.get(ref_key) is not None:
             ax.axhline(reference[ref_key], ls="--", c="gray", label="real text")
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("sampling steps (AR: NFE)")
+        ax.set_xlabel(xlabel)
         ax.set_ylabel(label)
         if not ax.lines:
             ax.text(0.5, 0.5, "no judge: gen-PPL skipped", ha="center", va="center", transform=ax.transAxes)
