@@ -36,7 +36,8 @@ fi
 TEACHER=$OUT/teacher/checkpoints/last.ckpt
 
 # 2. the few-step families, each from the teacher with its own extra training (stated in the table):
-#    SDTT 4 rounds × DISTILL steps; CDLM DISTILL steps; the seed's regularizer DISTILL steps of fine-tuning
+#    SDTT 4 rounds × DISTILL steps; CDLM DISTILL steps; the seed's regularizer DISTILL steps of fine-tuning;
+#    the plain teacher fine-tuned DISTILL steps more (the control)
 STUDENT=(max_steps=$DISTILL lr=3e-4 warmup_steps=20
          "overrides=[\"callbacks.progress_bar=null\",\"trainer.val_check_interval=$DISTILL\",\"trainer.limit_val_batches=16\",\"trainer.log_every_n_steps=50\",\"num_samples=2\"]")
 distill() {  # NAME ARGS…: python -m diffuse.distill into $OUT/NAME (kept once distill.json exists)
@@ -50,12 +51,16 @@ CDLM_ARGS=(method=cdlm method.block_size=8 method.num_trajectories=1024 method.g
 REG=(objective=masked_discrete sampler=ancestral "init_from=$TEACHER" trainer.max_steps=$DISTILL optim.lr=3e-4
      optim.warmup_steps=20 trainer.val_check_interval=$DISTILL regularizer=cdlm_consistency regularizer.weight=0.5
      regularizer.delta_min=50 regularizer.delta_max=200)
+# the control: the same fine-tuning without any few-step method (is a gain the method's, or more training's?)
+MORE=(objective=masked_discrete sampler=ancestral "init_from=$TEACHER" trainer.max_steps=$DISTILL optim.lr=3e-4
+      optim.warmup_steps=20 trainer.val_check_interval=$DISTILL)
 if [ $PARALLEL = 1 ]; then
-  distill sdtt method=sdtt rounds=4 steps=64 &
+  { distill sdtt method=sdtt rounds=4 steps=64; train teacher_more "${MORE[@]}"; } &
   { distill cdlm "${CDLM_ARGS[@]}"; train seed_regularizer "${REG[@]}"; } &
   wait
 else
   distill sdtt method=sdtt rounds=4 steps=64; distill cdlm "${CDLM_ARGS[@]}"; train seed_regularizer "${REG[@]}"
+  train teacher_more "${MORE[@]}"
 fi
 
 # 3. quality and speed, one model at a time with every thread (timings comparable): 64 unconditional
@@ -71,6 +76,7 @@ SWEEP="steps=[4,8,16,32,64]"
 evaluate teacher "$TEACHER" "$SWEEP"
 for r in 1 2 3 4; do evaluate "sdtt_round$r" "$OUT/sdtt/round$r/checkpoints/last.ckpt" "$SWEEP"; done
 evaluate seed_regularizer "$OUT/seed_regularizer/checkpoints/last.ckpt" "$SWEEP"
+evaluate teacher_more "$OUT/teacher_more/checkpoints/last.ckpt" "$SWEEP"
 evaluate ar "$OUT/ar/checkpoints/last.ckpt"
 # CDLM: blocks of 8 with the exact cache; per-block steps 1 … 8 (even split), and threshold (parallel) commits
 evaluate cdlm "$OUT/cdlm/round1/checkpoints/last.ckpt" "steps=[1,2,4,8]" sampler=block

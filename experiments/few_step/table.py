@@ -22,6 +22,7 @@ FAMILIES = [  # (label, eval dirs, training beyond the teacher)
     *[(f"SDTT round {r} (student of {64 >> (r - 1)} → {64 >> r} steps)", [f"sdtt_round{r}"], f"{r} × distill steps")
       for r in (1, 2, 3, 4)],
     ("seed regularizer=cdlm_consistency (fine-tuned teacher)", ["seed_regularizer"], "distill steps"),
+    ("control: teacher fine-tuned plainly", ["teacher_more"], "distill steps"),
     ("CDLM student (block 8, exact cache)", ["cdlm", "cdlm_threshold0.5", "cdlm_threshold0.7", "cdlm_threshold0.9"],
      "distill steps"),
     ("AR (KV cache)", ["ar"], "—"),
@@ -51,7 +52,7 @@ def main(root: Path, out: Path, length: int = 64) -> None:
             e = evals[name]
             if e is None:
                 continue
-            bpt = (e.get("likelihood") or {}).get("bpt")
+            bpt = (e.get("likelihood") or {}).get("val/bpt")
             for p in e["sweep"]:
                 sampler = p["sampler"] + (f" τ={name.split('threshold')[1]}" if "threshold" in name else "")
                 lines.append(f"| {label} | {sampler} | {p['steps']} | {p['nfe_per_sample']:.1f} | {p['gen_ppl']:.2f} | "
