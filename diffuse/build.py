@@ -15,7 +15,8 @@ from diffuse.schedules import build_schedule
 
 log = logging.getLogger("diffuse")
 
-DATAMODULE_KEYS = ("seq_len", "batch_size", "eval_batch_size", "pack", "add_bos", "add_eos", "num_workers", "train_tokens")
+DATAMODULE_KEYS = ("seq_len", "batch_size", "eval_batch_size", "pack", "add_bos", "add_eos", "num_workers", "train_tokens",
+                   "prepared")
 
 
 def as_dict(cfg) -> dict:

@@ -16,7 +16,7 @@ TEXT = "Hello, world! Café naïve façade — 東京 🙂 ✓\nsecond line\ttab
 
 # -- packing --------------------------------------------------------------------------------------
 def test_pack_documents_worked_example():
-    out = pack_documents([[1] * 5, [2] * 3, [3] * 10], seq_len=8, pad_id=0)
+    out = {k: v.tolist() for k, v in pack_documents([[1] * 5, [2] * 3, [3] * 10], seq_len=8, pad_id=0).items()}
     assert out["input_ids"] == [[1] * 5 + [2] * 3, [3] * 8, [3] * 2 + [0] * 6]
     assert out["segment_ids"] == [[1] * 5 + [2] * 3, [1] * 8, [1] * 2 + [0] * 6]
 
@@ -25,7 +25,7 @@ def test_pack_documents_segments_restart_per_document_and_per_row():
     rng = random.Random(0)
     docs = [[rng.randrange(1, 100) for _ in range(rng.randint(1, 20))] for _ in range(50)]
     tagged = [(i, t) for i, d in enumerate(docs) for t in d]  # (document, token) in stream order
-    out = pack_documents(docs, seq_len=16, pad_id=0)
+    out = {k: v.tolist() for k, v in pack_documents(docs, seq_len=16, pad_id=0).items()}
     flat_ids = [t for row in out["input_ids"] for t in row]
     flat_seg = [s for row in out["segment_ids"] for s in row]
     assert all(len(row) == 16 for row in out["input_ids"])
@@ -39,7 +39,7 @@ def test_pack_documents_segments_restart_per_document_and_per_row():
 
 
 def test_pad_documents_one_per_row_truncated():
-    out = pad_documents([[5, 6, 7], list(range(1, 12))], seq_len=8, pad_id=0)
+    out = {k: v.tolist() for k, v in pad_documents([[5, 6, 7], list(range(1, 12))], seq_len=8, pad_id=0).items()}
     assert out["input_ids"] == [[5, 6, 7, 0, 0, 0, 0, 0], list(range(1, 9))]
     assert out["segment_ids"] == [[1, 1, 1, 0, 0, 0, 0, 0], [1] * 8]
 

@@ -130,10 +130,10 @@ def test_a_folder_of_jsonl_skips_hidden_and_other_files(tmp_path):
 def test_packing_and_padding_carry_extra_columns():
     docs, marks = [[5, 6, 7], [8, 9]], [[1, 1, 0], [1, 0]]
     packed = pack_documents(docs, 4, 0, extra={"prompt_mask": marks})
-    assert packed["input_ids"] == [[5, 6, 7, 8], [9, 0, 0, 0]]
-    assert packed["prompt_mask"] == [[1, 1, 0, 1], [0, 0, 0, 0]]
+    assert packed["input_ids"].tolist() == [[5, 6, 7, 8], [9, 0, 0, 0]]
+    assert packed["prompt_mask"].tolist() == [[1, 1, 0, 1], [0, 0, 0, 0]]
     padded = pad_documents(docs, 4, 0, extra={"prompt_mask": marks})
-    assert padded["prompt_mask"] == [[1, 1, 0, 0], [1, 0, 0, 0]]
+    assert padded["prompt_mask"].tolist() == [[1, 1, 0, 0], [1, 0, 0, 0]]
 
 
 def sft_batch():

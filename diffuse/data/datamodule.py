@@ -1,18 +1,27 @@
 """One LightningDataModule for every text source: load → tokenize → pack → batches.
 
+With `prepared` (data.prepared, the default) the packed rows are written once to the prepared-data cache
+and memory-mapped (diffuse/data/prepared.py); `prepared=false` tokenizes in memory on every run.
+
 Training batches come from a seeded, endless sampler that can start at any step, so a resumed run
 sees exactly the batches an uninterrupted one would have seen.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
 from diffuse.data.packing import pack_documents, pad_documents
+from diffuse.data.prepared import CHUNK, LAYOUT, cache_key, open_split
+from diffuse.data.tokenizers import tokenizer_state
 from diffuse.contracts import DataSource, TokenizerBuilder, check_contract
 from diffuse.errors import DiffuseError
 from diffuse.registry import DATASETS, TOKENIZERS
@@ -85,12 +94,14 @@ class TextDataModule(L.LightningDataModule):
         train_tokens: int | None = None,
         seed: int = 0,
         cache_dir: str = ".cache/diffuse",
+        prepared: bool = True,
     ):
         super().__init__()
         if seq_len is None or int(seq_len) <= 0:
             raise DiffuseError(f"data.seq_len={seq_len} must be a positive integer")
         if int(batch_size) <= 0:
             raise DiffuseError(f"data.batch_size={batch_size} must be a positive integer")
+        self.source_name = source.get("name")
         self.source = DATASETS.build(source)
         self.tokenizer_builder = TOKENIZERS.build(tokenizer)
         check_contract(self.source, DataSource, f"data={source.get('name')}")
@@ -99,6 +110,7 @@ class TextDataModule(L.LightningDataModule):
         self.eval_batch_size = int(eval_batch_size or batch_size)
         self.pack, self.add_bos, self.add_eos = pack, add_bos, add_eos
         self.num_workers, self.seed, self.cache_dir = num_workers, seed, cache_dir
+        self.prepared = bool(prepared)  # rows written once to <cache_dir>/prepared/ and memory-mapped
         if train_tokens is not None and int(train_tokens) < self.seq_len:
             raise DiffuseError(f"data.train_tokens={train_tokens} must be at least data.seq_len={self.seq_len}")
         self.train_tokens = None if train_tokens is None else int(train_tokens)
@@ -123,39 +135,58 @@ class TextDataModule(L.LightningDataModule):
         if self.splits:
             return
         self.load()
-        tok = self.tokenizer
-        bos = [tok.bos_token_id] if self.add_bos else []
-        eos = [tok.eos_token_id] if self.add_eos else []
-        arrange = pack_documents if self.pack else pad_documents
-
-        def encode(batch):
-            if "prompt" not in batch:
-                # raw text that spells "[MASK]" or "[EOS]" stays text: only the DataModule adds special ids
-                docs = tok(batch["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-                return arrange([bos + d + eos for d in docs], self.seq_len, tok.pad_token_id)
-            # prompt/answer pairs (SFT): `text` starts with `prompt`; a per-token prompt_mask marks BOS + prompt
-            heads = tok(batch["prompt"], add_special_tokens=False)["input_ids"]
-            answers = [t[len(p):] for t, p in zip(batch["text"], batch["prompt"])]
-            tails = tok(answers, add_special_tokens=False)["input_ids"]
-            docs = [bos + h + a + eos for h, a in zip(heads, tails)]
-            prompt_mask = [[1] * (len(bos) + len(h)) + [0] * (len(a) + len(eos)) for h, a in zip(heads, tails)]
-            return arrange(docs, self.seq_len, tok.pad_token_id, extra={"prompt_mask": prompt_mask})
-
         render = getattr(self.source, "render", None)  # sources that need the tokenizer (chat templates)
         if render is not None:
-            self.raw = render(self.raw, tok)
-
+            self.raw = render(self.raw, self.tokenizer)
+        if self.prepared:
+            parts = self.cache_parts()
+            root = Path(self.cache_dir) / "prepared" / cache_key(parts)
+            meta = {"parts": parts, "seq_len": self.seq_len, "vocab_size": len(self.tokenizer)}
         for split, ds in self.raw.items():
+            # data-constrained studies: the first rows of the (shuffled) training split; held-out text is unchanged
+            limit = self.train_tokens // self.seq_len if split == "train" and self.train_tokens is not None else None
+            if self.prepared:
+                self.splits[split] = open_split(root, split, ds, self.encode, meta, limit)
+                continue
             rows = ds.map(
-                encode, batched=True, batch_size=2000, remove_columns=ds.column_names,
+                self.encode, batched=True, batch_size=CHUNK, remove_columns=ds.column_names,
                 desc=f"tokenize {split}", load_from_cache_file=False, keep_in_memory=True,
             )
             if len(rows) == 0:
                 raise DiffuseError(f"data split '{split}' is empty after tokenization")
-            if split == "train" and self.train_tokens is not None:
-                # data-constrained studies: the first rows of the (shuffled) training split; held-out text is unchanged
-                rows = rows.select(range(min(len(rows), self.train_tokens // self.seq_len)))
+            if limit is not None:
+                rows = rows.select(range(min(len(rows), limit)))
             self.splits[split] = rows.with_format("torch")
+
+    def encode(self, batch: dict[str, list]) -> dict[str, np.ndarray]:
+        """A batch of documents → packed (or padded) rows."""
+        tok = self.tokenizer
+        bos = [tok.bos_token_id] if self.add_bos else []
+        eos = [tok.eos_token_id] if self.add_eos else []
+        arrange = pack_documents if self.pack else pad_documents
+        if "prompt" not in batch:
+            # raw text that spells "[MASK]" or "[EOS]" stays text: only the DataModule adds special ids
+            docs = tok(batch["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+            return arrange([bos + d + eos for d in docs], self.seq_len, tok.pad_token_id)
+        # prompt/answer pairs (SFT): `text` starts with `prompt`; a per-token prompt_mask marks BOS + prompt
+        heads = tok(batch["prompt"], add_special_tokens=False)["input_ids"]
+        answers = [t[len(p):] for t, p in zip(batch["text"], batch["prompt"])]
+        tails = tok(answers, add_special_tokens=False)["input_ids"]
+        docs = [bos + h + a + eos for h, a in zip(heads, tails)]
+        prompt_mask = [[1] * (len(bos) + len(h)) + [0] * (len(a) + len(eos)) for h, a in zip(heads, tails)]
+        return arrange(docs, self.seq_len, tok.pad_token_id, extra={"prompt_mask": prompt_mask})
+
+    def cache_parts(self) -> dict:
+        """Everything that shapes the rows, hashed into the prepared-data key (diffuse/data/prepared.py): the
+        source's settings (defaults included, however the config spelled them) and its files' fingerprint, the
+        split seed, the tokenizer, the row settings."""
+        tok = self.tokenizer
+        state = json.dumps({**tokenizer_state(tok), "ids": [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
+                                                            tok.mask_token_id]}, sort_keys=True)
+        return {"layout": LAYOUT, "source": {"name": self.source_name, **vars(self.source)},
+                "fingerprint": self.fingerprint, "seed": self.seed, "tokenizer": hashlib.sha1(state.encode()).hexdigest(),
+                "seq_len": self.seq_len, "pack": bool(self.pack), "add_bos": bool(self.add_bos),
+                "add_eos": bool(self.add_eos)}
 
     # -- loaders ----------------------------------------------------------------------------------
     def train_dataloader(self):

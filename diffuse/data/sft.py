@@ -73,7 +73,9 @@ class SFTSource:
         if self.val_path is None:
             dd = _split(train, self.val_fraction, seed)
         else:
-            dd = datasets.DatasetDict(train=train, validation=self._read(_files(self.val_path, JSONL_SUFFIXES, "JSONL")))
+            val_files = _files(self.val_path, JSONL_SUFFIXES, "JSONL")
+            dd = datasets.DatasetDict(train=train, validation=self._read(val_files))
+            files = files + val_files
         key = hashlib.sha1(f"{fingerprint_files(files)}|{self.format}".encode()).hexdigest()
         return dd, key
 

@@ -86,6 +86,8 @@ def _load_text(files: list[Path], sample_by: str) -> datasets.Dataset:
 
 
 def fingerprint_files(files: list[Path]) -> str:
+    """Each file's path, size and modification time: an edited file gets a new fingerprint (tokenizer and
+    prepared-data caches are keyed on it)."""
     h = hashlib.sha1()
     for f in files:
         st = f.stat()
@@ -110,12 +112,11 @@ class TextSource:
     def load(self, seed: int, cache_dir: str) -> tuple[datasets.DatasetDict, str]:
         files = _files(self.path)
         train = _load_text(files, self.sample_by)
-        fingerprint = fingerprint_files(files)
         if self.val_path is None:
-            dd = _split(train, self.val_fraction, seed)
-        else:
-            dd = datasets.DatasetDict(train=train, validation=_load_text(_files(self.val_path), self.sample_by))
-        return dd, fingerprint
+            return _split(train, self.val_fraction, seed), fingerprint_files(files)
+        val_files = _files(self.val_path)
+        dd = datasets.DatasetDict(train=train, validation=_load_text(val_files, self.sample_by))
+        return dd, fingerprint_files(files + val_files)
 
 
 @DATASETS.register("embedded")
