@@ -16,7 +16,7 @@ from diffuse.schedules import build_schedule
 log = logging.getLogger("diffuse")
 
 DATAMODULE_KEYS = ("seq_len", "batch_size", "eval_batch_size", "pack", "add_bos", "add_eos", "num_workers", "train_tokens",
-                   "prepared")
+                   "prepared", "num_proc")
 
 
 def as_dict(cfg) -> dict:

@@ -144,8 +144,12 @@ class Sampler(Protocol):
 class DataSource(Protocol):
     """Raw text splits (`data.*` keys other than the DataModule's): `text` column, `train` and `validation`."""
 
+    def fingerprint(self, cache_dir: str) -> str:
+        """What keys the caches (tokenizer, prepared rows), found without reading the text (file stats, a hub name)."""
+        ...
+
     def load(self, seed: int, cache_dir: str) -> tuple[Any, str]:
-        """(datasets.DatasetDict, a fingerprint of the source that keys the caches)."""
+        """(datasets.DatasetDict, the same fingerprint)."""
         ...
 
 

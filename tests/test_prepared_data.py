@@ -184,3 +184,69 @@ def test_python_m_diffuse_prepare_writes_what_train_reuses(tmp_path, corpus, mes
     assert messages()[-2] == f"prepared data: reused {lines[0].split()[1]}"
     bad = call_main("diffuse.prepare", "data=text", f"data.path={corpus}", "data.prepared=false")
     assert bad.returncode == 2 and "data.prepared=false" in bad.stderr
+
+
+def test_a_prepared_run_reads_no_text_and_trains_no_tokenizer(tmp_path, corpus, monkeypatch):
+    first = module(corpus, tmp_path, tokenizer="bpe")
+    from diffuse.data.sources import TextSource
+
+    def no_reading(self, seed, cache_dir):
+        raise AssertionError("the text should not be read: its rows are prepared")
+
+    monkeypatch.setattr(TextSource, "load", no_reading)
+    monkeypatch.setattr(TextDataModule, "encode", no_reading)
+    second = module(corpus, tmp_path, tokenizer="bpe")
+    assert second.tokenizer.backend_tokenizer.to_str() == first.tokenizer.backend_tokenizer.to_str()
+    assert_same_rows(second.splits["train"], first.splits["train"])
+    with pytest.raises(AssertionError, match="should not be read"):
+        second.raw  # loaded on demand (the end-of-run readability check uses it)
+
+
+def test_rows_do_not_depend_on_the_number_of_processes(tmp_path, corpus, monkeypatch):
+    monkeypatch.setattr(prepared, "CHUNK", 50)  # several chunks, so the pool is used
+    one = module(corpus, tmp_path / "one", num_proc=1)
+    two = module(corpus, tmp_path / "two", num_proc=2)
+    assert len(one.splits["train"]) > 3
+    for split in ("train", "validation"):
+        assert_same_rows(two.splits[split], one.splits[split])
+    with pytest.raises(DiffuseError, match="data.num_proc=0"):
+        module(corpus, tmp_path, num_proc=0)
+
+
+def test_the_utf8_check_reads_in_blocks_and_names_the_byte(tmp_path):
+    from diffuse.data.sources import _check_utf8
+
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes("héllo wörld ".encode() * 10 + b"\xff tail")
+    with pytest.raises(DiffuseError, match=r"bad.txt is not UTF-8 \(byte 140\)"):
+        _check_utf8(bad, block=7)  # a block boundary falls inside 'é' and 'ö': still valid
+    good = tmp_path / "good.txt"
+    good.write_bytes("héllo wörld ".encode() * 10)
+    _check_utf8(good, block=7)
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes("héllo".encode()[:2])
+    with pytest.raises(DiffuseError, match="ends inside a character"):
+        _check_utf8(cut, block=7)
+    blank = tmp_path / "blank.txt"
+    blank.write_text(" \n\n  \n")
+    with pytest.raises(DiffuseError, match="blank.txt is empty"):
+        _check_utf8(blank, block=2)
+
+
+def test_bpe_trains_on_a_bounded_sample(tmp_path):
+    from diffuse.data.tokenizers import BPETokenizer
+
+    seen = []
+
+    def texts():
+        for i in range(1000):
+            seen.append(i)
+            yield f"document {i} " * 10
+
+    BPETokenizer(vocab_size=300, min_frequency=1, train_chars=1000)(texts(), cache_dir=str(tmp_path), fingerprint="f")
+    assert len(seen) == 10  # 110 characters each: the 10th crosses 1000, nothing after it is read
+    files = sorted((tmp_path / "tokenizers").glob("bpe-*.json"))
+    BPETokenizer(vocab_size=300, min_frequency=1, train_chars=2000)(texts(), cache_dir=str(tmp_path), fingerprint="f")
+    assert len(sorted((tmp_path / "tokenizers").glob("bpe-*.json"))) == len(files) + 1  # its own cache entry
+    with pytest.raises(DiffuseError, match="tokenizer.train_chars=0"):
+        BPETokenizer(train_chars=0)

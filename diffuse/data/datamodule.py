@@ -20,7 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from diffuse.data.packing import pack_documents, pad_documents
-from diffuse.data.prepared import CHUNK, LAYOUT, cache_key, open_split
+from diffuse.data.prepared import CHUNK, LAYOUT, cache_key, is_prepared, open_split
 from diffuse.data.tokenizers import tokenizer_state
 from diffuse.contracts import DataSource, TokenizerBuilder, check_contract
 from diffuse.errors import DiffuseError
@@ -95,6 +95,7 @@ class TextDataModule(L.LightningDataModule):
         seed: int = 0,
         cache_dir: str = ".cache/diffuse",
         prepared: bool = True,
+        num_proc: int | None = None,
     ):
         super().__init__()
         if seq_len is None or int(seq_len) <= 0:
@@ -111,52 +112,82 @@ class TextDataModule(L.LightningDataModule):
         self.pack, self.add_bos, self.add_eos = pack, add_bos, add_eos
         self.num_workers, self.seed, self.cache_dir = num_workers, seed, cache_dir
         self.prepared = bool(prepared)  # rows written once to <cache_dir>/prepared/ and memory-mapped
+        if num_proc is not None and int(num_proc) <= 0:
+            raise DiffuseError(f"data.num_proc={num_proc} must be a positive number of processes or null (all cores)")
+        self.num_proc = None if num_proc is None else int(num_proc)
         if train_tokens is not None and int(train_tokens) < self.seq_len:
             raise DiffuseError(f"data.train_tokens={train_tokens} must be at least data.seq_len={self.seq_len}")
         self.train_tokens = None if train_tokens is None else int(train_tokens)
         self.tokenizer = None
-        self.raw = None
+        self.fingerprint = None
+        self._raw = None
+        self.split_names = ("train", "validation")  # evaluation asks for validation only
         self.splits: dict[str, Any] = {}
         self.accumulate = 1  # set by the training entry point so resumption skips the right count
 
     # -- tokenizer first: the model's vocab_size comes from it -----------------------------------
+    @property
+    def raw(self):
+        """The raw text splits, loaded on first use: a run whose prepared rows exist never reads the text."""
+        if self._raw is None:
+            self._raw, _ = self.source.load(seed=self.seed, cache_dir=self.cache_dir)
+        return self._raw
+
+    @raw.setter
+    def raw(self, value):
+        self._raw = value
+
     def load(self, tokenizer=None):
-        """Load text and build (or take) the tokenizer. Idempotent; called before the model exists."""
-        if self.raw is None:
-            self.raw, fingerprint = self.source.load(seed=self.seed, cache_dir=self.cache_dir)
-            self.fingerprint = fingerprint
+        """Find the source and build (or take) the tokenizer. Idempotent; called before the model exists.
+        A BPE tokenizer already cached for this source reads no text."""
+        if self.fingerprint is None:
+            self.fingerprint = self.source.fingerprint(self.cache_dir)
         if self.tokenizer is None:
-            self.tokenizer = tokenizer or self.tokenizer_builder(
-                (row["text"] for row in self.raw["train"]), cache_dir=self.cache_dir, fingerprint=self.fingerprint
-            )
+            # the tokenizer cache is keyed by what decides the training split: the files, the source's settings, the seed
+            key = cache_key({"source": self.source_parts(), "fingerprint": self.fingerprint, "seed": self.seed})
+            self.tokenizer = tokenizer or self.tokenizer_builder(self._train_texts(), cache_dir=self.cache_dir,
+                                                                 fingerprint=key)
         return self.tokenizer
+
+    def _train_texts(self):
+        yield from (row["text"] for row in self.raw["train"])
 
     def setup(self, stage: str | None = None):
         if self.splits:
             return
         self.load()
-        render = getattr(self.source, "render", None)  # sources that need the tokenizer (chat templates)
-        if render is not None:
-            self.raw = render(self.raw, self.tokenizer)
         if self.prepared:
             parts = self.cache_parts()
             root = Path(self.cache_dir) / "prepared" / cache_key(parts)
             meta = {"parts": parts, "seq_len": self.seq_len, "vocab_size": len(self.tokenizer)}
-        for split, ds in self.raw.items():
-            # data-constrained studies: the first rows of the (shuffled) training split; held-out text is unchanged
-            limit = self.train_tokens // self.seq_len if split == "train" and self.train_tokens is not None else None
-            if self.prepared:
-                self.splits[split] = open_split(root, split, ds, self.encode, meta, limit)
-                continue
+            if not all(is_prepared(root / split) for split in self.split_names):
+                self._render()
+            for split in self.split_names:
+                self.splits[split] = open_split(root, split, lambda: self.raw[split], self.encode, meta,
+                                                self._limit(split), num_proc=self.num_proc)
+            return
+        self._render()
+        for split in self.split_names:
+            ds = self.raw[split]
             rows = ds.map(
                 self.encode, batched=True, batch_size=CHUNK, remove_columns=ds.column_names,
                 desc=f"tokenize {split}", load_from_cache_file=False, keep_in_memory=True,
             )
             if len(rows) == 0:
                 raise DiffuseError(f"data split '{split}' is empty after tokenization")
+            limit = self._limit(split)
             if limit is not None:
                 rows = rows.select(range(min(len(rows), limit)))
             self.splits[split] = rows.with_format("torch")
+
+    def _render(self) -> None:
+        render = getattr(self.source, "render", None)  # sources that need the tokenizer (chat templates)
+        if render is not None:
+            self.raw = render(self.raw, self.tokenizer)
+
+    def _limit(self, split: str) -> int | None:
+        # data-constrained studies: the first rows of the (shuffled) training split; held-out text is unchanged
+        return self.train_tokens // self.seq_len if split == "train" and self.train_tokens is not None else None
 
     def encode(self, batch: dict[str, list]) -> dict[str, np.ndarray]:
         """A batch of documents → packed (or padded) rows."""
@@ -183,10 +214,13 @@ class TextDataModule(L.LightningDataModule):
         tok = self.tokenizer
         state = json.dumps({**tokenizer_state(tok), "ids": [tok.pad_token_id, tok.bos_token_id, tok.eos_token_id,
                                                             tok.mask_token_id]}, sort_keys=True)
-        return {"layout": LAYOUT, "source": {"name": self.source_name, **vars(self.source)},
+        return {"layout": LAYOUT, "source": self.source_parts(),
                 "fingerprint": self.fingerprint, "seed": self.seed, "tokenizer": hashlib.sha1(state.encode()).hexdigest(),
                 "seq_len": self.seq_len, "pack": bool(self.pack), "add_bos": bool(self.add_bos),
                 "add_eos": bool(self.add_eos)}
+
+    def source_parts(self) -> dict:
+        return {"name": self.source_name, **{k: v for k, v in vars(self.source).items() if not k.startswith("_")}}
 
     # -- loaders ----------------------------------------------------------------------------------
     def train_dataloader(self):

@@ -7,7 +7,8 @@ The key hashes everything that shapes the rows (TextDataModule.cache_parts); cha
 folder is written. A split is written into `.<split>.<host>-<pid>.tmp`, fsynced and renamed into place, so
 a killed preparation leaves no half cache (the next writer on that host removes its temp folder);
 `meta.json` inside the renamed folder is the marker the other ranks wait for. Documents are tokenized
-CHUNK at a time and appended to the files, so memory is bounded by a chunk, not the corpus.
+CHUNK at a time (in forked processes, data.num_proc) and appended to the files in order, so memory is bounded
+by a few chunks, not the corpus.
 """
 
 from __future__ import annotations
@@ -15,12 +16,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import multiprocessing as mp
 import operator
 import os
 import shutil
 import socket
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -86,16 +90,21 @@ class PreparedRows(Dataset):
         return {c: torch.from_numpy(a[index].astype(np.int64)) for c, a in self.arrays().items()}
 
 
-def open_split(root: Path, split: str, documents, encode: Callable[[dict], dict], meta: dict,
-               limit: int | None = None, wait_s: float = WAIT_S) -> PreparedRows:
+def is_prepared(folder: Path) -> bool:
+    return (folder / META).is_file()
+
+
+def open_split(root: Path, split: str, documents: Callable[[], object], encode: Callable[[dict], dict], meta: dict,
+               limit: int | None = None, wait_s: float = WAIT_S, num_proc: int | None = None) -> PreparedRows:
     """The prepared rows of `split` under `root`: reused if there, else written by local rank 0 (the other
-    ranks wait for its meta.json). `encode` turns a batch of documents into rows; `meta` is recorded."""
+    ranks wait for its meta.json). `documents()` gives the split's documents (called only when writing),
+    `encode` turns a batch of them into rows; `meta` is recorded."""
     folder = root / split
-    if (folder / META).is_file():
+    if is_prepared(folder):
         log.info("prepared data: reused %s", folder)
     elif is_writer():
         tic = time.perf_counter()
-        rows = write_split(folder, documents, encode, meta)
+        rows = write_split(folder, documents(), encode, meta, num_proc)
         size = sum(f.stat().st_size for f in folder.iterdir())
         log.info("prepared data: wrote %s (%d rows, %.1f MB, %.1f s)", folder, rows, size / 1e6,
                  time.perf_counter() - tic)
@@ -143,7 +152,40 @@ class _NpyAppender:
         self.file.close()
 
 
-def write_split(folder: Path, documents, encode: Callable[[dict], dict], meta: dict) -> int:
+_JOB: tuple = ()  # (documents, encode) for forked workers: inherited, never pickled
+
+
+def _encode_chunk(start: int) -> dict[str, np.ndarray]:
+    documents, encode = _JOB
+    return encode(documents[start:start + CHUNK])
+
+
+def _encoded_chunks(documents, encode, num_proc: int | None):
+    """encode(chunk) for each CHUNK of documents, in order; with several chunks, in `num_proc` forked processes
+    (all cores when None), at most two chunks per process in flight so memory stays bounded. Order is kept, so
+    the rows do not depend on the number of processes; a worker's exception (or its death) is raised here."""
+    global _JOB
+    starts = range(0, len(documents), CHUNK)
+    procs = min(num_proc or os.cpu_count() or 1, len(starts))
+    if procs <= 1 or "fork" not in mp.get_all_start_methods():
+        yield from (encode(documents[s:s + CHUNK]) for s in starts)
+        return
+    _JOB = (documents, encode)
+    pool = ProcessPoolExecutor(procs, mp_context=mp.get_context("fork"))
+    try:
+        pending: deque = deque()
+        for start in starts:
+            pending.append(pool.submit(_encode_chunk, start))
+            if len(pending) >= 2 * procs:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        _JOB = ()
+
+
+def write_split(folder: Path, documents, encode: Callable[[dict], dict], meta: dict, num_proc: int | None = None) -> int:
     """Tokenize and pack `documents` (a datasets.Dataset) CHUNK at a time into `folder`, atomically; the rows."""
     remove_stale_temps(folder)
     tmp = folder.with_name(f".{folder.name}.{_owner()}.tmp")
@@ -155,9 +197,8 @@ def write_split(folder: Path, documents, encode: Callable[[dict], dict], meta: d
     files: dict[str, _NpyAppender] = {}
     try:
         with tqdm(total=len(documents), desc=f"prepare {folder.name}", unit=" docs") as bar:
-            for start in range(0, len(documents), CHUNK):
-                batch = documents[start:start + CHUNK]
-                for name, rows in encode(batch).items():
+            for start, encoded in zip(range(0, len(documents), CHUNK), _encoded_chunks(documents, encode, num_proc)):
+                for name, rows in encoded.items():
                     if name not in files:
                         files[name] = _NpyAppender(tmp / f"{name}.npy", dtypes[name], seq_len)
                     files[name].append(rows)

@@ -67,17 +67,20 @@ class SFTSource:
             raise DiffuseError(f"data.format={format!r} must be one of {', '.join(FORMATS)}")
         self.path, self.val_path, self.format, self.val_fraction = path, val_path, format, val_fraction
 
+    def fingerprint(self, cache_dir: str) -> str:
+        files = _files(self.path, JSONL_SUFFIXES, "JSONL", check=False)
+        if self.val_path is not None:
+            files += _files(self.val_path, JSONL_SUFFIXES, "JSONL", check=False)
+        return hashlib.sha1(f"{fingerprint_files(files)}|{self.format}".encode()).hexdigest()
+
     def load(self, seed: int, cache_dir: str) -> tuple[datasets.DatasetDict, str]:
-        files = _files(self.path, JSONL_SUFFIXES, "JSONL")
-        train = self._read(files)
+        train = self._read(_files(self.path, JSONL_SUFFIXES, "JSONL"))
         if self.val_path is None:
             dd = _split(train, self.val_fraction, seed)
         else:
-            val_files = _files(self.val_path, JSONL_SUFFIXES, "JSONL")
-            dd = datasets.DatasetDict(train=train, validation=self._read(val_files))
-            files = files + val_files
-        key = hashlib.sha1(f"{fingerprint_files(files)}|{self.format}".encode()).hexdigest()
-        return dd, key
+            val = self._read(_files(self.val_path, JSONL_SUFFIXES, "JSONL"))
+            dd = datasets.DatasetDict(train=train, validation=val)
+        return dd, self.fingerprint(cache_dir)
 
     def _read(self, files) -> datasets.Dataset:
         names = ", ".join(map(str, files))

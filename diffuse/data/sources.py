@@ -4,8 +4,10 @@ and `train` / `validation` splits; the DataModule does the rest (tokenize, pack)
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import datasets
@@ -53,9 +55,9 @@ def _folder_files(folder: Path, suffixes: tuple[str, ...], kind: str) -> list[Pa
     return found
 
 
-def _files(path, suffixes: tuple[str, ...] = TEXT_SUFFIXES, kind: str = "text") -> list[Path]:
-    """Expand a file, folder or list of them; fail with the culprit's name if missing/empty/not UTF-8.
-    In a folder only `suffixes` are read, hidden paths skipped (see TEXT_SUFFIXES)."""
+def _files(path, suffixes: tuple[str, ...] = TEXT_SUFFIXES, kind: str = "text", check: bool = True) -> list[Path]:
+    """Expand a file, folder or list of them; fail with the culprit's name if missing, or (with `check`, before
+    reading) empty or not UTF-8. In a folder only `suffixes` are read, hidden paths skipped (see TEXT_SUFFIXES)."""
     paths = [path] if isinstance(path, (str, Path)) else list(path or [])
     if not paths:
         raise DiffuseError("data.path is empty: give a text file or a folder (data.path=/path/to/text)")
@@ -67,22 +69,36 @@ def _files(path, suffixes: tuple[str, ...] = TEXT_SUFFIXES, kind: str = "text") 
             files.append(p)
         else:
             raise DiffuseError(f"data.path={p} does not exist")
-    for f in files:
-        raw = f.read_bytes()
-        if not raw.strip():
-            raise DiffuseError(f"data file {f} is empty")
-        try:
-            raw.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise DiffuseError(f"data file {f} is not UTF-8 (byte {err.start})") from None
+    if check:
+        for f in files:
+            _check_utf8(f)
     return files
 
 
+def _check_utf8(f: Path, block: int = 1 << 24) -> None:
+    """Read in blocks (a corpus larger than RAM is fine): not empty, and UTF-8 throughout."""
+    decoder, offset, blank = codecs.getincrementaldecoder("utf-8")(), 0, True
+    with open(f, "rb") as fh:
+        while chunk := fh.read(block):
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as err:
+                raise DiffuseError(f"data file {f} is not UTF-8 (byte {offset + err.start})") from None
+            blank = blank and not chunk.strip()
+            offset += len(chunk)
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise DiffuseError(f"data file {f} is not UTF-8 (it ends inside a character)") from None
+    if blank:
+        raise DiffuseError(f"data file {f} is empty")
+
+
 def _load_text(files: list[Path], sample_by: str) -> datasets.Dataset:
-    ds = datasets.load_dataset(
-        "text", data_files=[str(f) for f in files], sample_by=sample_by, split="train"
-    )
-    return ds.filter(lambda row: bool(row["text"].strip()))
+    # datasets writes Arrow files and memory-maps them (its cache reuses them next time): never all in RAM
+    ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by=sample_by, split="train",
+                               num_proc=min(len(files), os.cpu_count() or 1) if len(files) > 1 else None)
+    return ds.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True)
 
 
 def fingerprint_files(files: list[Path]) -> str:
@@ -109,14 +125,21 @@ class TextSource:
         self.path, self.val_path = path, val_path
         self.sample_by, self.val_fraction = sample_by, val_fraction
 
+    def fingerprint(self, cache_dir: str) -> str:
+        """The files' path, size and modification time, read without opening them (the prepared-data cache is
+        found from this before any text is loaded)."""
+        files = _files(self.path, check=False)
+        if self.val_path is not None:
+            files += _files(self.val_path, check=False)
+        return fingerprint_files(files)
+
     def load(self, seed: int, cache_dir: str) -> tuple[datasets.DatasetDict, str]:
         files = _files(self.path)
         train = _load_text(files, self.sample_by)
         if self.val_path is None:
-            return _split(train, self.val_fraction, seed), fingerprint_files(files)
-        val_files = _files(self.val_path)
-        dd = datasets.DatasetDict(train=train, validation=_load_text(val_files, self.sample_by))
-        return dd, fingerprint_files(files + val_files)
+            return _split(train, self.val_fraction, seed), self.fingerprint(cache_dir)
+        dd = datasets.DatasetDict(train=train, validation=_load_text(_files(self.val_path), self.sample_by))
+        return dd, self.fingerprint(cache_dir)
 
 
 @DATASETS.register("embedded")
@@ -127,7 +150,7 @@ class EmbeddedSource(TextSource):
     def __init__(self, val_fraction: float = 0.05):
         super().__init__(path="<embedded>", sample_by="paragraph", val_fraction=val_fraction)
 
-    def load(self, seed: int, cache_dir: str):
+    def _materialise(self, cache_dir: str) -> None:
         from pydoc_data.topics import topics
 
         text = "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
@@ -136,6 +159,13 @@ class EmbeddedSource(TextSource):
         if not out.exists() or out.read_text() != text:
             out.write_text(text)
         self.path = str(out)
+
+    def fingerprint(self, cache_dir: str) -> str:
+        self._materialise(cache_dir)
+        return super().fingerprint(cache_dir)
+
+    def load(self, seed: int, cache_dir: str):
+        self._materialise(cache_dir)
         return super().load(seed, cache_dir)
 
 
@@ -145,6 +175,9 @@ class WikiText2Source:
 
     def __init__(self, hub_name: str = "Salesforce/wikitext", config: str = "wikitext-2-raw-v1"):
         self.hub_name, self.config = hub_name, config
+
+    def fingerprint(self, cache_dir: str) -> str:
+        return f"{self.hub_name}/{self.config}"
 
     def load(self, seed: int, cache_dir: str):
         try:
@@ -156,4 +189,4 @@ class WikiText2Source:
                 "data=text data.path=../shared/data/wikitext-2/valid.txt"
             ) from None
         dd = dd.filter(lambda row: bool(row["text"].strip()))
-        return datasets.DatasetDict(train=dd["train"], validation=dd["validation"]), f"{self.hub_name}/{self.config}"
+        return datasets.DatasetDict(train=dd["train"], validation=dd["validation"]), self.fingerprint(cache_dir)

@@ -59,19 +59,24 @@ class ByteTokenizer:
 
 @TOKENIZERS.register("bpe")
 class BPETokenizer:
-    """Byte-level BPE trained with `tokenizers` on the training text; cached by content hash."""
+    """Byte-level BPE trained with `tokenizers` on (a sample of) the training text; cached by the source's
+    fingerprint. It trains on the first `train_chars` characters of the training split (seeded and shuffled
+    unless data.val_path is given), so a corpus larger than RAM trains in bounded memory and time."""
 
-    def __init__(self, vocab_size: int = 4096, min_frequency: int = 2):
+    def __init__(self, vocab_size: int = 4096, min_frequency: int = 2, train_chars: int | None = 100_000_000):
         if vocab_size <= 256 + len(SPECIALS):
             raise DiffuseError(f"tokenizer.vocab_size={vocab_size} must exceed 260 (256 bytes + 4 specials)")
+        if train_chars is not None and int(train_chars) <= 0:
+            raise DiffuseError(f"tokenizer.train_chars={train_chars} must be a positive number of characters or null (all)")
         self.vocab_size = vocab_size
         self.min_frequency = min_frequency
+        self.train_chars = None if train_chars is None else int(train_chars)
 
     def __call__(self, texts: Iterable[str], cache_dir: str | None = None, fingerprint: str = ""):
         cache = None
         if cache_dir:
-            key = hashlib.sha1(f"{fingerprint}|{self.vocab_size}|{self.min_frequency}".encode()).hexdigest()[:16]
-            cache = Path(cache_dir) / "tokenizers" / f"bpe-{key}.json"
+            spec = f"{fingerprint}|{self.vocab_size}|{self.min_frequency}|{self.train_chars}"
+            cache = Path(cache_dir) / "tokenizers" / f"bpe-{hashlib.sha1(spec.encode()).hexdigest()[:16]}.json"
             if cache.exists():
                 return tokenizer_from_json(cache.read_text())
         tok = Tokenizer(models.BPE())
@@ -84,7 +89,7 @@ class BPETokenizer:
             initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
             show_progress=False,
         )
-        tok.train_from_iterator(_batches(texts), trainer=trainer)
+        tok.train_from_iterator(_batches(_first_chars(texts, self.train_chars)), trainer=trainer)
         if cache is not None:
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(f".{os.getpid()}.tmp")
@@ -114,6 +119,16 @@ class HFTokenizer:
         if missing:
             tok.add_special_tokens(missing)
         return tok
+
+
+def _first_chars(texts: Iterable[str], limit: int | None) -> Iterator[str]:
+    """Texts until `limit` characters have been given (the one that crosses it included)."""
+    seen = 0
+    for text in texts:
+        seen += len(text)
+        yield text
+        if limit is not None and seen >= limit:
+            return  # before asking for the next: an unread text is never loaded
 
 
 def _batches(texts: Iterable[str], size: int = 1000) -> Iterator[list[str]]:

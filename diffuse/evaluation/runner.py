@@ -6,7 +6,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import islice
 
-import datasets
 from omegaconf import OmegaConf
 
 from diffuse.build import DATAMODULE_KEYS, as_dict, build_datamodule
@@ -59,7 +58,7 @@ def heldout(ckpt: Checkpoint, data_cfg: dict, seed: int, cache_dir: str):
     spec = OmegaConf.create({"data": data_cfg, "tokenizer": as_dict(ckpt.cfg.tokenizer)})
     dm = build_datamodule(spec, seed=seed, cache_dir=cache_dir)
     dm.load(ckpt.tokenizer)
-    dm.raw = datasets.DatasetDict(validation=dm.raw["validation"])  # skip tokenizing the training split
+    dm.split_names = ("validation",)  # the training split is neither tokenized nor read
     dm.setup("validate")
     return dm
 
