@@ -16,7 +16,7 @@ from diffuse.schedules import build_schedule
 log = logging.getLogger("diffuse")
 
 DATAMODULE_KEYS = ("seq_len", "batch_size", "eval_batch_size", "pack", "add_bos", "add_eos", "num_workers", "train_tokens",
-                   "prepared", "num_proc")
+                   "prepared", "num_proc", "streaming", "stream_val_docs")
 
 
 def as_dict(cfg) -> dict:

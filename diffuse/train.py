@@ -158,11 +158,11 @@ def print_samples(cfg: DictConfig, module, tokenizer, dm, flat: dict, run_dir: P
     for i, (row, text) in enumerate(zip(rows, texts)):
         print(f"--- sample {i} ({len(row)} tokens, {out.nfe} forward passes) ---\n{text}")
     special = set(tokenizer.all_special_ids)
-    real = [t for text in dm.raw["validation"][:2000]["text"]
+    real = [t for text in dm.documents("validation", 2000)
             for t in tokenizer(text + "\n\n", add_special_tokens=False)["input_ids"]]
     # the training text's words: at most CORPUS_DOCS documents (the embedded corpus has ~2.5k), so the end of a
     # run on a large corpus does not pull all of its text into memory
-    vocabulary = readable.corpus_words(dm.raw["train"][:CORPUS_DOCS]["text"])
+    vocabulary = readable.corpus_words(dm.documents("train", CORPUS_DOCS))
     metrics = readable.word_metrics(texts, vocabulary)
     metrics["entropy"], metrics["real_entropy"] = readable.matched_entropy(
         [[t for t in row if t not in special] for row in rows], real)

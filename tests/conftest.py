@@ -20,7 +20,9 @@ from pathlib import Path
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "WANDB_MODE": "offline", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1"}
 os.environ.update(OFFLINE)
-os.environ["DIFFUSE_CACHE"] = tempfile.mkdtemp(prefix="diffuse-test-cache-")
+# setdefault: training processes import this file too (test callbacks), and a second DDP rank inherits their
+# environment; each would otherwise see its own cache and wait for prepared data the other never writes
+os.environ.setdefault("DIFFUSE_CACHE", tempfile.mkdtemp(prefix="diffuse-test-cache-"))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,7 +1,8 @@
 """One LightningDataModule for every text source: load → tokenize → pack → batches.
 
 With `prepared` (data.prepared, the default) the packed rows are written once to the prepared-data cache
-and memory-mapped (diffuse/data/prepared.py); `prepared=false` tokenizes in memory on every run.
+and memory-mapped (diffuse/data/prepared.py); `prepared=false` tokenizes in memory on every run;
+`streaming=true` reads the corpus as training consumes it and writes nothing (diffuse/data/streaming.py).
 
 Training batches come from a seeded, endless sampler that can start at any step, so a resumed run
 sees exactly the batches an uninterrupted one would have seen.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from diffuse.data.packing import pack_documents, pad_documents
 from diffuse.data.prepared import CHUNK, LAYOUT, cache_key, is_prepared, open_split
+from diffuse.data.streaming import StreamingRows, materialise
 from diffuse.data.tokenizers import tokenizer_state
 from diffuse.contracts import DataSource, TokenizerBuilder, check_contract
 from diffuse.errors import DiffuseError
@@ -45,9 +48,9 @@ class ResumableRandomSampler(Sampler[int]):
         epoch, offset = divmod(position, self.n)
         while True:
             g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            perm = torch.randperm(self.n, generator=g).tolist()
+            perm = torch.randperm(self.n, generator=g).numpy()  # 8 bytes a row: a Python list costs ~5x that
             while offset < self.n:
-                yield perm[offset]
+                yield int(perm[offset])
                 offset += self.world_size
             epoch, offset = epoch + 1, offset - self.n
 
@@ -96,6 +99,8 @@ class TextDataModule(L.LightningDataModule):
         cache_dir: str = ".cache/diffuse",
         prepared: bool = True,
         num_proc: int | None = None,
+        streaming: bool = False,
+        stream_val_docs: int = 2000,
     ):
         super().__init__()
         if seq_len is None or int(seq_len) <= 0:
@@ -118,6 +123,16 @@ class TextDataModule(L.LightningDataModule):
         if train_tokens is not None and int(train_tokens) < self.seq_len:
             raise DiffuseError(f"data.train_tokens={train_tokens} must be at least data.seq_len={self.seq_len}")
         self.train_tokens = None if train_tokens is None else int(train_tokens)
+        self.streaming = bool(streaming)  # read as training consumes it: nothing prepared, nothing held in memory
+        if self.streaming and not callable(getattr(self.source, "stream", None)):
+            raise DiffuseError(f"data.streaming=true: data={self.source_name} cannot be streamed; for a large corpus "
+                               "use data.prepared=true (memory-mapped rows)")
+        if self.streaming and self.train_tokens is not None:
+            raise DiffuseError(f"data.train_tokens={self.train_tokens} needs the whole split to take its first rows; "
+                               "with data.streaming=true drop it (or prepare the data: data.streaming=false)")
+        if int(stream_val_docs) <= 0:
+            raise DiffuseError(f"data.stream_val_docs={stream_val_docs} must be a positive number of documents")
+        self.stream_val_docs = int(stream_val_docs)
         self.tokenizer = None
         self.fingerprint = None
         self._raw = None
@@ -128,9 +143,13 @@ class TextDataModule(L.LightningDataModule):
     # -- tokenizer first: the model's vocab_size comes from it -----------------------------------
     @property
     def raw(self):
-        """The raw text splits, loaded on first use: a run whose prepared rows exist never reads the text."""
+        """The raw text splits, loaded on first use: a run whose prepared rows exist never reads the text.
+        Streamed, they are `datasets` iterable datasets that read the files (or the hub) as they are consumed."""
         if self._raw is None:
-            self._raw, _ = self.source.load(seed=self.seed, cache_dir=self.cache_dir)
+            if self.streaming:
+                self._raw = self.source.stream(self.cache_dir)
+            else:
+                self._raw, _ = self.source.load(seed=self.seed, cache_dir=self.cache_dir)
         return self._raw
 
     @raw.setter
@@ -149,13 +168,22 @@ class TextDataModule(L.LightningDataModule):
                                                                  fingerprint=key)
         return self.tokenizer
 
+    def documents(self, split: str, limit: int | None = None):
+        """The first `limit` (all: None) documents' text of a split, one at a time, streamed or not."""
+        yield from (row["text"] for row in islice(self.raw[split], limit))
+
     def _train_texts(self):
-        yield from (row["text"] for row in self.raw["train"])
+        yield from self.documents("train")  # BPE stops at tokenizer.train_chars
 
     def setup(self, stage: str | None = None):
         if self.splits:
             return
         self.load()
+        if self.streaming:
+            for split in self.split_names:
+                self.splits[split] = (StreamingRows(self.raw[split], self.encode, self.seed) if split == "train"
+                                      else materialise(self.raw[split], self.encode, self.stream_val_docs))
+            return
         if self.prepared:
             parts = self.cache_parts()
             root = Path(self.cache_dir) / "prepared" / cache_key(parts)
@@ -229,10 +257,13 @@ class TextDataModule(L.LightningDataModule):
         trainer = self.trainer
         step = trainer.global_step if trainer is not None else 0
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = ResumableRandomSampler(len(ds), self.seed, start=step * self.accumulate * self.batch_size,
-                                         rank=rank, world_size=world)
+        start = step * self.accumulate * self.batch_size
         if world > 1 and "validation" in self.splits:  # a validation that cannot be sharded fails now, not at its turn
             ValidationShard(len(self.splits["validation"]), self.eval_batch_size, rank, world, trainer.limit_val_batches)
+        if isinstance(ds, StreamingRows):
+            # one reader per rank: the stream's position is counted in this process (workers would each restart it)
+            return DataLoader(ds.at(start, rank, world), batch_size=self.batch_size, drop_last=True)
+        sampler = ResumableRandomSampler(len(ds), self.seed, start=start, rank=rank, world_size=world)
         return DataLoader(ds, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers,
                           drop_last=True, persistent_workers=self.num_workers > 0)
 
@@ -249,7 +280,7 @@ class TextDataModule(L.LightningDataModule):
         return self.val_dataloader()
 
     def describe(self) -> str:
-        n = {k: len(v) for k, v in self.splits.items()}
+        n = {k: "streamed" if isinstance(v, StreamingRows) else len(v) for k, v in self.splits.items()}
         return f"{n.get('train', 0)} train / {n.get('validation', 0)} val rows of {self.seq_len} tokens, vocab {len(self.tokenizer)}"
 
 

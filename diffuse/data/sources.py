@@ -141,6 +141,13 @@ class TextSource:
         dd = datasets.DatasetDict(train=train, validation=_load_text(_files(self.val_path), self.sample_by))
         return dd, self.fingerprint(cache_dir)
 
+    def stream(self, cache_dir: str) -> dict:
+        """The files read as they are consumed (data.streaming): nothing is written to disk."""
+        train = _stream_text(_files(self.path, check=False), self.sample_by)
+        if self.val_path is None:
+            return _split_stream(train, self.val_fraction)
+        return {"train": train, "validation": _stream_text(_files(self.val_path, check=False), self.sample_by)}
+
 
 @DATASETS.register("embedded")
 class EmbeddedSource(TextSource):
@@ -168,25 +175,85 @@ class EmbeddedSource(TextSource):
         self._materialise(cache_dir)
         return super().load(seed, cache_dir)
 
+    def stream(self, cache_dir: str) -> dict:
+        self._materialise(cache_dir)
+        return super().stream(cache_dir)
 
-@DATASETS.register("wikitext2")
-class WikiText2Source:
-    """WikiText-2 (raw) from the Hugging Face hub. Offline it fails fast and names the alternative."""
 
-    def __init__(self, hub_name: str = "Salesforce/wikitext", config: str = "wikitext-2-raw-v1"):
-        self.hub_name, self.config = hub_name, config
+def _val_every(val_fraction: float) -> int:
+    if not 0.0 < val_fraction < 1.0:
+        raise DiffuseError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
+    return max(2, round(1 / val_fraction))
+
+
+def _split_stream(stream: datasets.IterableDataset, val_fraction: float) -> dict:
+    """A stream has no length to split by: every k-th document (k = 1/val_fraction) is held out."""
+    every = _val_every(val_fraction)
+    return {"train": stream.filter(lambda _, i: i % every != 0, with_indices=True),
+            "validation": stream.filter(lambda _, i: i % every == 0, with_indices=True)}
+
+
+def _stream_text(files: list[Path], sample_by: str) -> datasets.IterableDataset:
+    ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by=sample_by, split="train",
+                               streaming=True)
+    return ds.filter(lambda row: bool(row["text"].strip()))
+
+
+@DATASETS.register("hub")
+class HubSource:
+    """Any Hugging Face hub dataset by name (`data.hub_name`, `data.config`), its `text_column` as the text.
+    Without a validation split, a seeded `val_fraction` of train is held out. Offline it fails at once and
+    names the local alternative; `data.streaming=true` reads it as it trains (corpora larger than the disk)."""
+
+    def __init__(self, hub_name: str | None = None, config: str | None = None, text_column: str = "text",
+                 train_split: str = "train", val_split: str | None = "validation", val_fraction: float = 0.05):
+        if not hub_name:
+            raise DiffuseError("data=hub needs data.hub_name=<owner/dataset> (offline: data=text data.path=<file>)")
+        self.hub_name, self.config, self.text_column = hub_name, config, text_column
+        self.train_split, self.val_split, self.val_fraction = train_split, val_split, val_fraction
 
     def fingerprint(self, cache_dir: str) -> str:
         return f"{self.hub_name}/{self.config}"
 
-    def load(self, seed: int, cache_dir: str):
+    def _open(self, streaming: bool):
         try:
-            dd = datasets.load_dataset(self.hub_name, self.config)
+            dd = datasets.load_dataset(self.hub_name, self.config, streaming=streaming)
         except Exception as err:  # offline, no cache, hub down: all mean the same to the user
             raise DiffuseError(
-                f"data=wikitext2 could not load {self.hub_name}/{self.config} from the hub "
-                f"({type(err).__name__}); offline, use data=text data.path=<file>, e.g. "
+                f"data.hub_name={self.hub_name} (config {self.config}) could not be loaded from the hub "
+                f"({type(err).__name__}); offline, use data=text data.path=<file or folder>, e.g. "
                 "data=text data.path=../shared/data/wikitext-2/valid.txt"
             ) from None
-        dd = dd.filter(lambda row: bool(row["text"].strip()))
-        return datasets.DatasetDict(train=dd["train"], validation=dd["validation"]), self.fingerprint(cache_dir)
+        for split in (self.train_split, self.val_split):
+            if split is not None and split not in dd:
+                raise DiffuseError(f"data.hub_name={self.hub_name} has no split {split!r} (it has {', '.join(dd)})")
+        columns = dd[self.train_split].column_names
+        if columns is not None and self.text_column not in columns:
+            raise DiffuseError(f"data.text_column={self.text_column!r} is not a column of {self.hub_name} "
+                               f"(it has {', '.join(columns)})")
+        keep = (lambda row: bool(row["text"].strip()))
+        return {name: dd[name].select_columns([self.text_column]).rename_column(self.text_column, "text").filter(keep)
+                for name in (self.train_split, self.val_split) if name is not None}
+
+    def load(self, seed: int, cache_dir: str):
+        parts = self._open(streaming=False)
+        if self.val_split is None:
+            return _split(parts[self.train_split], self.val_fraction, seed), self.fingerprint(cache_dir)
+        dd = datasets.DatasetDict(train=parts[self.train_split], validation=parts[self.val_split])
+        return dd, self.fingerprint(cache_dir)
+
+    def stream(self, cache_dir: str) -> dict:
+        parts = self._open(streaming=True)
+        if self.val_split is None:
+            return _split_stream(parts[self.train_split], self.val_fraction)
+        return {"train": parts[self.train_split], "validation": parts[self.val_split]}
+
+
+@DATASETS.register("wikitext2")
+class WikiText2Source(HubSource):
+    """WikiText-2 (raw) from the Hugging Face hub: data=hub with its name filled in."""
+
+    def __init__(self, hub_name: str = "Salesforce/wikitext", config: str = "wikitext-2-raw-v1",
+                 text_column: str = "text", train_split: str = "train", val_split: str | None = "validation",
+                 val_fraction: float = 0.05):
+        super().__init__(hub_name, config, text_column, train_split, val_split, val_fraction)

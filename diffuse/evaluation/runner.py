@@ -111,7 +111,7 @@ def evaluate_checkpoint(ckpt: Checkpoint, settings, data_cfg: dict, judge, cache
         points, samples = sweep(ckpt.module, spec, step_list(settings, spec), ckpt.tokenizer, judge,
                                 int(settings.num_samples), int(settings.length), int(settings.batch_size), seed,
                                 track=track)
-        texts, tokens = real_snippets(dm.raw["validation"]["text"], ckpt.tokenizer,
+        texts, tokens = real_snippets(dm.documents("validation"), ckpt.tokenizer,
                                       int(settings.reference_samples), int(settings.length))
         ref = reference(texts, tokens, judge) if texts else None
         if ref is None:
