@@ -143,11 +143,12 @@ def cycle_rows(n: int, length: int, g: torch.Generator) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def cycle_model():
-    """tiny_transformer, 200 LLaDA steps on the cycle (~3 s on one thread): the loss falls to ≈ 0.1."""
+    """tiny_transformer, 400 LLaDA steps on the cycle (~6 s on one thread): the loss falls to ≈ 0.15. (200 steps
+    at lr 6e-3 left some initialisations at 0.7 of the cycle: which ones depended on the CPU's arithmetic.)"""
     model = tiny_transformer(n_layers=2).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=6e-3)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
-    for _ in range(200):
+    for _ in range(400):
         ids = torch.cat([torch.full((32, 1), SPECIAL.bos), cycle_rows(32, 23, g)], 1)
         loss = OBJECTIVE.loss(model, {"input_ids": ids, "segment_ids": torch.ones_like(ids)}, g).loss
         opt.zero_grad()
