@@ -12,7 +12,7 @@ from conftest import SPECIAL, VOCAB, FixedLogits, call_main, run_cli, tiny_trans
 from diffuse.objectives.autoregressive import Autoregressive
 from diffuse.objectives.masked_discrete import MaskedDiscrete
 from diffuse.sampling.ar import ARSampler
-from diffuse.sampling.base import trim_at_eos
+from diffuse.sampling.base import trim_at_eos, truncate
 from diffuse.sampling.masked import AncestralSampler, RemaskSampler
 from diffuse.schedules import build_schedule
 
@@ -82,7 +82,28 @@ SAMPLERS = {
     **{k: (v, MASKED_OBJ) for k, v in MASKED_SAMPLERS.items()},
     "ar": (lambda: ARSampler(temperature=1.0), AR_OBJ),
     "ar-top-k-top-p": (lambda: ARSampler(temperature=0.8, top_k=10, top_p=0.9), AR_OBJ),
+    "ancestral-top-p": (lambda: AncestralSampler(steps=5, top_p=0.9), MASKED_OBJ),
 }
+
+
+def test_truncate_keeps_the_top_k_and_the_smallest_nucleus():
+    logp = torch.tensor([0.5, 0.3, 0.15, 0.05]).log().expand(2, 4)
+    kept = lambda out: (out > float("-inf")).tolist()[0]
+    assert kept(truncate(logp, top_k=2)) == [True, True, False, False]
+    assert kept(truncate(logp, top_p=0.45)) == [True, False, False, False]  # 0.5 alone reaches 0.45
+    assert kept(truncate(logp, top_p=0.81)) == [True, True, True, False]  # 0.8 falls short: the third joins
+    assert torch.equal(truncate(logp), logp) and torch.equal(truncate(logp, top_p=1.0), logp)
+
+
+def test_absorbing_proposals_come_from_the_truncated_distribution():
+    """With top_k=1 one token survives, so the temperature no longer matters; untruncated, it does."""
+    model = tiny_transformer(seed=1)
+
+    def draw(temperature, **kw):
+        return AncestralSampler(steps=10, temperature=temperature, **kw).generate(model, MASKED_OBJ, PROMPTS, 10, 0)
+
+    assert torch.equal(draw(0.1, top_k=1).tokens, draw(10.0, top_k=1).tokens)
+    assert not torch.equal(draw(0.1).tokens, draw(10.0).tokens)
 
 
 @pytest.mark.parametrize("name", SAMPLERS)

@@ -33,7 +33,7 @@ def _split(ds: datasets.Dataset, val_fraction: float, seed: int) -> datasets.Dat
 TEXT_SUFFIXES = ("", ".txt", ".text", ".md", ".rst", ".raw", ".tokens")
 
 
-def _folder_files(folder: Path, suffixes: tuple[str, ...], kind: str) -> list[Path]:
+def _folder_files(folder: Path, suffixes: tuple[str, ...], kind: str, report: bool = True) -> list[Path]:
     found, hidden, other = [], 0, []
     for f in sorted(folder.rglob("*")):
         if not f.is_file():
@@ -51,7 +51,8 @@ def _folder_files(folder: Path, suffixes: tuple[str, ...], kind: str) -> list[Pa
     if not found:
         wanted = ", ".join(s or "no suffix" for s in suffixes)
         raise DiffuseError(f"data.path={folder} is a folder with no {kind} files ({wanted}){note}")
-    log.info("data.path=%s: %d %s file(s) read%s", folder, len(found), kind, note)
+    if report:  # once, when the files are read (a fingerprint lists them without reading)
+        log.info("data.path=%s: %d %s file(s) read%s", folder, len(found), kind, note)
     return found
 
 
@@ -64,7 +65,7 @@ def _files(path, suffixes: tuple[str, ...] = TEXT_SUFFIXES, kind: str = "text", 
     files: list[Path] = []
     for p in map(Path, paths):
         if p.is_dir():
-            files += _folder_files(p, suffixes, kind)
+            files += _folder_files(p, suffixes, kind, report=check)
         elif p.is_file():
             files.append(p)
         else:
@@ -94,9 +95,11 @@ def _check_utf8(f: Path, block: int = 1 << 24) -> None:
         raise DiffuseError(f"data file {f} is empty")
 
 
-def _load_text(files: list[Path], sample_by: str) -> datasets.Dataset:
-    # datasets writes Arrow files and memory-maps them (its cache reuses them next time): never all in RAM
+def _load_text(files: list[Path], sample_by: str, cache_dir: str) -> datasets.Dataset:
+    # datasets writes Arrow files and memory-maps them (its cache reuses them next time): never all in RAM. They
+    # are a copy of the corpus, so they live with diffuse's other caches, not in the home folder's HF cache.
     ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by=sample_by, split="train",
+                               cache_dir=str(Path(cache_dir) / "datasets"),
                                num_proc=min(len(files), os.cpu_count() or 1) if len(files) > 1 else None)
     return ds.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True)
 
@@ -135,10 +138,10 @@ class TextSource:
 
     def load(self, seed: int, cache_dir: str) -> tuple[datasets.DatasetDict, str]:
         files = _files(self.path)
-        train = _load_text(files, self.sample_by)
+        train = _load_text(files, self.sample_by, cache_dir)
         if self.val_path is None:
             return _split(train, self.val_fraction, seed), self.fingerprint(cache_dir)
-        dd = datasets.DatasetDict(train=train, validation=_load_text(_files(self.val_path), self.sample_by))
+        dd = datasets.DatasetDict(train=train, validation=_load_text(_files(self.val_path), self.sample_by, cache_dir))
         return dd, self.fingerprint(cache_dir)
 
     def stream(self, cache_dir: str) -> dict:

@@ -55,10 +55,12 @@ from diffuse.sampling.base import (
     RowCost,
     SampleOutput,
     check_temperature,
+    check_truncation,
     rand_rows,
     row_generators,
     sample_tokens,
     trim_at_eos,
+    truncate,
 )
 from diffuse.sampling.canvas_cache import check_cache, make_canvas, take_span  # noqa: F401 (take_span: re-exported)
 from diffuse.schedules import Schedule, build_schedule
@@ -134,7 +136,8 @@ class AbsorbingSampler:
     processes = (ABSORBING,)
 
     def __init__(self, rule, *, steps: int, schedule, temperature: float, eps: float,
-                 block_length: int | None = None, cfg_scale: float = 0.0, cache: str | None = None):
+                 block_length: int | None = None, cfg_scale: float = 0.0, cache: str | None = None,
+                 top_k: int | None = None, top_p: float | None = None):
         if int(steps) <= 0:
             raise DiffuseError(f"sampler.steps={steps} must be positive")
         if block_length is not None and int(block_length) <= 0:
@@ -146,6 +149,7 @@ class AbsorbingSampler:
         self.block_length = None if block_length is None else int(block_length)
         self.cfg_scale = float(cfg_scale)
         self.cache = check_cache(cache)
+        self.top_k, self.top_p = check_truncation(top_k, top_p)  # proposals only; confidences stay untruncated
 
     def blocks(self, length: int) -> list[tuple[int, int, int]]:
         """(start, end, steps) per block; steps split as evenly as possible, earlier blocks first."""
@@ -182,7 +186,8 @@ class AbsorbingSampler:
                     nfe += passes
                     cost.forward(active, passes)
                     first = False
-                proposal = sample_tokens(logp, self.temperature, gens, active=active)
+                proposal = sample_tokens(truncate(logp, self.top_k, self.top_p), self.temperature, gens,
+                                         active=active)
                 if i == steps - 1:
                     reveal = masked  # the block's last step commits the rest
                 else:

@@ -9,15 +9,16 @@ from __future__ import annotations
 import torch
 
 from diffuse.contracts import AUTOREGRESSIVE
-from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
 from diffuse.sampling.base import (
     SampleOutput,
     check_temperature,
+    check_truncation,
     left_padded,
     row_generators,
     sample_tokens,
     trim_at_eos,
+    truncate,
 )
 
 
@@ -28,22 +29,7 @@ class ARSampler:
     processes = (AUTOREGRESSIVE,)
 
     def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
-        if top_p is not None and not 0.0 < top_p <= 1.0:
-            raise DiffuseError(f"sampler.top_p={top_p} must lie in (0, 1]")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
-            raise DiffuseError(f"sampler.top_k={top_k} must be a positive integer (or null: no top-k)")
-        self.temperature, self.top_k, self.top_p = check_temperature(temperature), top_k, top_p
-
-    def filter(self, logp: torch.Tensor) -> torch.Tensor:
-        if self.top_k:
-            kth = logp.topk(min(self.top_k, logp.shape[-1]), dim=-1).values[..., -1:]
-            logp = logp.masked_fill(logp < kth, float("-inf"))
-        if self.top_p is not None and self.top_p < 1.0:
-            sorted_lp, order = logp.sort(-1, descending=True)
-            cum = sorted_lp.softmax(-1).cumsum(-1)
-            drop = cum - sorted_lp.softmax(-1) > self.top_p  # keep the smallest set reaching top_p
-            logp = logp.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
-        return logp
+        self.temperature, self.top_k, self.top_p = check_temperature(temperature), *check_truncation(top_k, top_p)
 
     @torch.no_grad()
     def generate(self, backbone, objective, prompts, length, seed=0) -> SampleOutput:
@@ -68,7 +54,7 @@ class ARSampler:
             row_nfe += ~done  # alone, a row stops at its own EOS
             logits = backbone.logits(hidden[:, -1:]).float()
             logits[..., special.mask] = float("-inf")
-            nxt = sample_tokens(self.filter(logits.log_softmax(-1)), self.temperature, gens)[:, 0]
+            nxt = sample_tokens(truncate(logits.log_softmax(-1), self.top_k, self.top_p), self.temperature, gens)[:, 0]
             nxt = nxt.masked_fill(done, special.pad)
             out.append(nxt)
             done |= nxt == special.eos

@@ -80,6 +80,29 @@ def check_temperature(temperature) -> float:
     return float(temperature)
 
 
+def check_truncation(top_k, top_p) -> tuple[int | None, float | None]:
+    """`sampler.top_k` (a positive integer) and `sampler.top_p` (in (0, 1]); null: no truncation."""
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0):
+        raise DiffuseError(f"sampler.top_p={top_p} must lie in (0, 1] (or null: no nucleus)")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k <= 0):
+        raise DiffuseError(f"sampler.top_k={top_k} must be a positive integer (or null: no top-k)")
+    return top_k, None if top_p is None else float(top_p)
+
+
+def truncate(logp: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Log-probabilities outside the `top_k` most likely tokens, or outside the smallest set whose probability
+    reaches `top_p` (nucleus), set to −inf; sampling renormalises over the rest."""
+    if top_k:
+        kth = logp.topk(min(top_k, logp.shape[-1]), dim=-1).values[..., -1:]
+        logp = logp.masked_fill(logp < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_lp, order = logp.sort(-1, descending=True)
+        probs = sorted_lp.softmax(-1)
+        drop = probs.cumsum(-1) - probs > top_p  # keep the smallest set reaching top_p
+        logp = logp.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logp
+
+
 def sample_tokens(logp: torch.Tensor, temperature: float, gens, active: torch.Tensor | None = None) -> torch.Tensor:
     """Draw from softmax(logp / T) with the Gumbel-max trick (T = 0: argmax). Only `active` rows draw
     (the others get the argmax): a row waiting for the rest of its batch must not use up its random

@@ -19,15 +19,19 @@ from diffuse.schedules import build_schedule
 
 @SAMPLERS.register("ancestral")
 class AncestralSampler(AbsorbingSampler):
-    def __init__(self, steps: int = 64, schedule: str = "linear", temperature: float = 1.0, eps: float = 1e-3):
+    def __init__(self, steps: int = 64, schedule: str = "linear", temperature: float = 1.0, eps: float = 1e-3,
+                 top_k: int | None = None, top_p: float | None = None):
         schedule = build_schedule(schedule)
-        super().__init__(RevealByChance(schedule), steps=steps, schedule=schedule, temperature=temperature, eps=eps)
+        super().__init__(RevealByChance(schedule), steps=steps, schedule=schedule, temperature=temperature, eps=eps,
+                         top_k=top_k, top_p=top_p)
 
 
 @SAMPLERS.register("remask")
 class RemaskSampler(AbsorbingSampler):
     def __init__(self, steps: int = 64, schedule: str = "cosine_maskgit", temperature: float = 1.0,
-                 remasking: str = "low_confidence", confidence_threshold: float | None = None, eps: float = 1e-3):
+                 remasking: str = "low_confidence", confidence_threshold: float | None = None, eps: float = 1e-3,
+                 top_k: int | None = None, top_p: float | None = None):
         schedule = build_schedule(schedule)
         rule = CommitTopK(schedule_share(schedule), remasking, confidence_threshold)
-        super().__init__(rule, steps=steps, schedule=schedule, temperature=temperature, eps=eps)
+        super().__init__(rule, steps=steps, schedule=schedule, temperature=temperature, eps=eps, top_k=top_k,
+                         top_p=top_p)

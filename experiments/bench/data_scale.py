@@ -7,7 +7,7 @@ bounded memory.
 Builds a synthetic corpus of the requested size in a fresh temp folder (`--workdir`, default /tmp): seeded,
 shuffled repeats of the paragraphs of ../shared/data/tinyshakespeare/input.txt and
 ../shared/data/wikitext-2/{valid,test}.txt, streamed into 256 MB files. Then runs, as subprocesses with a
-fresh paths.cache_dir (and HF_DATASETS_CACHE) in that folder:
+fresh paths.cache_dir (and HF_DATASETS_CACHE) in that folder (the corpus's Arrow copy goes to <cache_dir>/datasets):
 
   prepare       python -m diffuse.prepare data=text data.path=<corpus> tokenizer=byte data.seq_len=256
   prepare again the same: must reuse the cache; its wall time is the second-run start-up
@@ -196,7 +196,8 @@ def main() -> None:
 
         phases = [run("prepare", ["diffuse.prepare", *big], logs / "prepare.log", env)]
         phases[0]["mb_per_s"] = corpus_bytes / 1e6 / phases[0]["wall_s"]
-        prepared_bytes, arrow_bytes = du(cache / "prepared"), du(work / "hf_datasets")
+        # local text's Arrow copy lives in <cache_dir>/datasets (HF_DATASETS_CACHE only catches anything else)
+        prepared_bytes, arrow_bytes = du(cache / "prepared"), du(cache / "datasets") + du(work / "hf_datasets")
         print(f"   prepared cache {prepared_bytes / 1e6:.1f} MB; datasets Arrow cache {arrow_bytes / 1e6:.1f} MB")
         phases.append(run("prepare again", ["diffuse.prepare", *big], logs / "prepare2.log", env))
         phases.append(run("train big", ["diffuse.train", *big, *train, f"hydra.run.dir={work / 'run_big'}"],
