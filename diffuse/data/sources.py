@@ -18,9 +18,18 @@ from diffuse.registry import DATASETS
 log = logging.getLogger("diffuse")
 
 
-def _split(ds: datasets.Dataset, val_fraction: float, seed: int) -> datasets.DatasetDict:
+def _check_val_fraction(val_fraction: float) -> None:
     if not 0.0 < val_fraction < 1.0:
         raise DiffuseError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
+
+
+def _nonblank(text: str) -> bool:
+    """Documents that are only whitespace are dropped, loaded or streamed."""
+    return bool(text.strip())
+
+
+def _split(ds: datasets.Dataset, val_fraction: float, seed: int) -> datasets.DatasetDict:
+    _check_val_fraction(val_fraction)
     if len(ds) < 2:
         raise DiffuseError(f"data has {len(ds)} document(s); need at least 2 to split train/validation")
     parts = ds.train_test_split(test_size=val_fraction, seed=seed, shuffle=True)
@@ -101,7 +110,7 @@ def _load_text(files: list[Path], sample_by: str, cache_dir: str) -> datasets.Da
     ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by=sample_by, split="train",
                                cache_dir=str(Path(cache_dir) / "datasets"),
                                num_proc=min(len(files), os.cpu_count() or 1) if len(files) > 1 else None)
-    return ds.filter(lambda batch: [bool(t.strip()) for t in batch["text"]], batched=True)
+    return ds.filter(lambda batch: [_nonblank(t) for t in batch["text"]], batched=True)
 
 
 def fingerprint_files(files: list[Path]) -> str:
@@ -183,15 +192,10 @@ class EmbeddedSource(TextSource):
         return super().stream(cache_dir)
 
 
-def _val_every(val_fraction: float) -> int:
-    if not 0.0 < val_fraction < 1.0:
-        raise DiffuseError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
-    return max(2, round(1 / val_fraction))
-
-
 def _split_stream(stream: datasets.IterableDataset, val_fraction: float) -> dict:
     """A stream has no length to split by: every k-th document (k = 1/val_fraction) is held out."""
-    every = _val_every(val_fraction)
+    _check_val_fraction(val_fraction)
+    every = max(2, round(1 / val_fraction))
     return {"train": stream.filter(lambda _, i: i % every != 0, with_indices=True),
             "validation": stream.filter(lambda _, i: i % every == 0, with_indices=True)}
 
@@ -199,7 +203,7 @@ def _split_stream(stream: datasets.IterableDataset, val_fraction: float) -> dict
 def _stream_text(files: list[Path], sample_by: str) -> datasets.IterableDataset:
     ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by=sample_by, split="train",
                                streaming=True)
-    return ds.filter(lambda row: bool(row["text"].strip()))
+    return ds.filter(lambda row: _nonblank(row["text"]))
 
 
 @DATASETS.register("hub")
@@ -234,8 +238,8 @@ class HubSource:
         if columns is not None and self.text_column not in columns:
             raise DiffuseError(f"data.text_column={self.text_column!r} is not a column of {self.hub_name} "
                                f"(it has {', '.join(columns)})")
-        keep = (lambda row: bool(row["text"].strip()))
-        return {name: dd[name].select_columns([self.text_column]).rename_column(self.text_column, "text").filter(keep)
+        return {name: dd[name].select_columns([self.text_column]).rename_column(self.text_column, "text")
+                .filter(lambda row: _nonblank(row["text"]))
                 for name in (self.train_split, self.val_split) if name is not None}
 
     def load(self, seed: int, cache_dir: str):
