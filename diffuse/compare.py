@@ -13,16 +13,20 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from diffuse.build import as_dict
-from diffuse.cli import overridden_data_keys, pick_device
+from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import one_line_errors
 from diffuse.evaluation.comparison import render_markdown, training_budget
 from diffuse.evaluation.formatting import write_json
 from diffuse.evaluation.judges import build_judge
 from diffuse.evaluation.progress import ProgressBar
-from diffuse.evaluation.runner import eval_data_config, evaluate_checkpoint, load_checkpoint
+from diffuse.evaluation.runner import (
+    eval_data_config,
+    evaluate_checkpoint,
+    load_checkpoint,
+)
 from diffuse.evaluation.sweep import plot_curves, speedup
-from diffuse.paths import CONFIG_DIR
+from diffuse.run.build import as_dict
+from diffuse.run.entry import overridden_data_keys, pick_device
 
 
 @one_line_errors

@@ -15,6 +15,8 @@ from typing import Any, Protocol, TypedDict, runtime_checkable
 import torch
 from typing_extensions import NotRequired
 
+from diffuse.errors import DiffuseError
+
 # The noising processes known today; a plugin may declare a new one (any string) together with its samplers.
 ABSORBING = "absorbing"  # tokens jump to [MASK] (masked_discrete, llada)
 GAUSSIAN = "gaussian"  # Gaussian noise on embeddings (continuous)
@@ -53,7 +55,7 @@ class Backbone(Protocol):
 @runtime_checkable
 class Objective(Protocol):
     """A training objective: an `nn.Module` (it may own networks and buffers: a frozen teacher, an
-    EMA target; see diffuse/frozen.py). `DiffusionLM` sets `global_step` on it before every training
+    EMA target; see diffuse/run/frozen.py). `DiffusionLM` sets `global_step` on it before every training
     step (curricula, annealing), so it never reaches into the trainer."""
 
     process: str  # ABSORBING | GAUSSIAN | AUTOREGRESSIVE | a plugin's own
@@ -173,8 +175,6 @@ def missing_members(obj: Any, protocol: type) -> list[str]:
 
 def check_contract(obj: Any, protocol: type, what: str) -> None:
     """One line naming what a component lacks, at build time rather than mid-training."""
-    from diffuse.errors import DiffuseError
-
     missing = missing_members(obj, protocol)
     if missing:
         raise DiffuseError(f"{what} ({type(obj).__name__}) does not meet the {protocol.__name__} contract of "

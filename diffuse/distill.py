@@ -22,12 +22,11 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from omegaconf import DictConfig, OmegaConf
 
-from diffuse import rundir
-from diffuse.build import as_dict
-from diffuse.checkpoint import read_checkpoint, stored_config
+from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import DiffuseError, one_line_errors
-from diffuse.paths import CONFIG_DIR
 from diffuse.registry import DISTILLERS
+from diffuse.run.build import as_dict
+from diffuse.run.checkpoint import read_checkpoint, stored_config
 
 log = logging.getLogger("diffuse")
 

@@ -8,22 +8,25 @@ steps list also writes `sweep.json` and `sweep.png`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from diffuse.build import as_dict
-from diffuse.cli import overridden_data_keys, pick_device
+from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import one_line_errors
+from diffuse.evaluation.formatting import format_result, write_json
 from diffuse.evaluation.judges import build_judge
 from diffuse.evaluation.progress import ProgressBar
-from diffuse.evaluation.formatting import format_result, write_json
-from diffuse.evaluation.runner import eval_data_config, evaluate_checkpoint, load_checkpoint
+from diffuse.evaluation.runner import (
+    eval_data_config,
+    evaluate_checkpoint,
+    load_checkpoint,
+)
 from diffuse.evaluation.sweep import plot_curves
-from diffuse.paths import CONFIG_DIR
+from diffuse.run.build import as_dict
+from diffuse.run.entry import overridden_data_keys, pick_device
 
 
 @one_line_errors

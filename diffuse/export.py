@@ -15,9 +15,10 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors.torch import load_model, save_model
 from transformers import AutoTokenizer
 
-from diffuse.checkpoint import load_run
+from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import DiffuseError, one_line_errors
-from diffuse.paths import CONFIG_DIR
+from diffuse.run.build import build_module
+from diffuse.run.load import load_run
 
 CONFIG_FILE = "diffuse_config.json"
 
@@ -34,8 +35,6 @@ def export(ckpt: str, out: str) -> Path:
 
 def load_exported(folder: str):
     """(config, tokenizer, DiffusionLM) from an exported folder."""
-    from diffuse.build import build_module
-
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise DiffuseError(f"{folder} is not a diffuse export (no {CONFIG_FILE})")

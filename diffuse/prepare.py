@@ -14,11 +14,11 @@ from pathlib import Path
 from hydra import compose, initialize_config_dir
 from hydra.errors import HydraException
 
-from diffuse import rundir
-from diffuse.build import build_datamodule
-from diffuse.checkpoint import checkpoint_tokenizer, read_checkpoint
+from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import DiffuseError, one_line_errors
-from diffuse.paths import CONFIG_DIR
+from diffuse.run import rundir
+from diffuse.run.build import build_datamodule
+from diffuse.run.checkpoint import checkpoint_tokenizer, read_checkpoint
 
 
 def compose_train(overrides: list[str]):

@@ -4,7 +4,7 @@ A config names its component (`name: llada`) plus keyword arguments; `build` loo
 calls the class. Unknown names and unknown keywords fail at start with what would have been valid.
 
 This module is a leaf: it imports no family. The first lookup in any registry asks
-`diffuse.discovery` to import every built-in component module and every installed plugin once
+`diffuse.core.discovery` to import every built-in component module and every installed plugin once
 (see there); registering never triggers discovery, so a component module may import this freely.
 """
 
@@ -24,7 +24,7 @@ def _discover_once() -> None:
     global _discovered
     if not _discovered:
         _discovered = True  # before walking: a module that looks something up while loading must not recurse
-        importlib.import_module("diffuse.discovery").discover()
+        importlib.import_module("diffuse.core.discovery").discover()
 
 
 def accepted_keywords(obj: Callable[..., Any]) -> list[str] | None:

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import yaml
 
+from diffuse.analysis.curves import draw_curves
+from diffuse.analysis.heatmap import draw_heatmap
 from diffuse.errors import DiffuseError, one_line_errors
 
 # shown after the chosen metric when a run has them, in this order
@@ -198,8 +200,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--labels", default=None, help="comma-separated legend labels for --curves")
     args = parser.parse_args(argv)
     if args.curves:
-        from diffuse.analysis.curves import draw_curves
-
         labels = args.labels.split(",") if args.labels else None
         if labels is not None and len(labels) != len(args.dirs):
             raise DiffuseError(f"report: --labels has {len(labels)} names for {len(args.dirs)} runs")
@@ -209,8 +209,6 @@ def main(argv: list[str] | None = None) -> None:
         raise DiffuseError(f"report: give one directory (got {len(args.dirs)}); several runs need --curves")
     args.sweep_dir = args.dirs[0]
     if args.heatmap:
-        from diffuse.analysis.heatmap import draw_heatmap
-
         if args.out:
             args.out.mkdir(parents=True, exist_ok=True)
         print(f"wrote {draw_heatmap(args.sweep_dir, args.out / 'heatmap.png' if args.out else None)}")

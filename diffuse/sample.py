@@ -15,13 +15,13 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from diffuse.build import build_sampler
-from diffuse.checkpoint import load_run
-from diffuse.cli import check_context, pick_device, sampler_spec
+from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import DiffuseError, one_line_errors
-from diffuse.paths import CONFIG_DIR
+from diffuse.run.build import build_sampler
+from diffuse.run.entry import check_context, pick_device, sampler_spec
+from diffuse.run.load import load_run
 
 
 def encode_prompts(cfg, tokenizer) -> list[list[int]]:

@@ -15,14 +15,26 @@ import hydra
 import lightning as L
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from omegaconf import DictConfig, OmegaConf
 
-from diffuse.build import build_datamodule, build_module, check_checkpoint_fits, load_weights
-from diffuse.callbacks import Throughput, flat_metrics, write_metrics_json
-from diffuse.checkpoint import AtomicCheckpointIO, checkpoint_tokenizer, read_checkpoint, stored_config
-from diffuse import rundir
+from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import DiffuseError, one_line_errors
-from diffuse.paths import CONFIG_DIR
+from diffuse.evaluation import readable
+from diffuse.run import rundir
+from diffuse.run.build import build_datamodule, build_module
+from diffuse.run.callbacks.throughput import (
+    Throughput,
+    flat_metrics,
+    write_metrics_json,
+)
+from diffuse.run.checkpoint import (
+    AtomicCheckpointIO,
+    checkpoint_tokenizer,
+    read_checkpoint,
+    stored_config,
+)
+from diffuse.run.load import check_checkpoint_fits, load_weights
 
 log = logging.getLogger("diffuse")
 
@@ -30,8 +42,6 @@ log = logging.getLogger("diffuse")
 def refuse_spawned_ranks(trainer: L.Trainer) -> None:
     """ddp_spawn / ddp_fork / ddp_notebook run fit() in workers and hand back only the weights: this process's
     trainer never sees their steps, loops, optimizer or metrics (it would validate and save a step-0 state)."""
-    from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
-
     if isinstance(getattr(trainer.strategy, "launcher", None), _MultiProcessingLauncher):
         raise DiffuseError("trainer.strategy: ddp_spawn, ddp_fork and ddp_notebook are not supported (the main "
                            "process never sees the workers' training state); use trainer=ddp")
@@ -146,8 +156,6 @@ CORPUS_DOCS = 100_000  # training documents whose words the end-of-run readabili
 
 def print_samples(cfg: DictConfig, module, tokenizer, dm, flat: dict, run_dir: Path) -> None:
     """The samples, how they read (diffuse/evaluation/readable.py), val/bpt, the run dir and what to try next."""
-    from diffuse.evaluation import readable
-
     sampler = module.sampler
     steps = f", {sampler.steps} steps" if getattr(sampler, "steps", None) else ""
     log.info("[3/3] sample: %d × %d tokens, sampler=%s%s", cfg.num_samples, cfg.sample_length,

@@ -116,10 +116,10 @@ def test_bad_sampling_input_is_a_one_line_error(args, culprits, debug_run, tmp_p
 
 
 def test_sampling_past_the_trained_context_on_request(debug_run, tmp_path, monkeypatch):
-    import diffuse.cli
+    import diffuse.run.entry
 
     warned = []
-    monkeypatch.setattr(diffuse.cli.log, "warning", lambda msg, *a: warned.append(msg % a))
+    monkeypatch.setattr(diffuse.run.entry.log, "warning", lambda msg, *a: warned.append(msg % a))
     ckpt = debug_run / "checkpoints" / "last.ckpt"
     result = call_main("diffuse.sample", f"ckpt={ckpt}", "num_samples=1", "length=40", "steps=4", "+beyond_context=true",
                        f"hydra.run.dir={tmp_path}")

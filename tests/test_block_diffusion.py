@@ -12,7 +12,7 @@ from torch import nn
 
 from conftest import SPECIAL, VOCAB, call_main, error_lines, tiny_args, tiny_transformer
 from diffuse.errors import DiffuseError
-from diffuse.metrics import NELBO
+from diffuse.core.metrics import NELBO
 from diffuse.models.layers import BlockLayout
 from diffuse.objectives.llada import LLaDA
 from diffuse.objectives.masked_discrete import MaskedDiscrete
@@ -278,7 +278,7 @@ def test_generation_runs_past_the_trained_length_with_the_cache():
 
 
 def test_samplers_and_backbones_that_do_not_fit_are_refused():
-    from diffuse.build import build_sampler
+    from diffuse.run.build import build_sampler
 
     with pytest.raises(DiffuseError, match="sampler=remask decodes absorbing"):
         build_sampler({"name": "remask"}, block_objective(4))

@@ -142,7 +142,7 @@ def test_objective_without_hooks_is_a_one_line_error():
 
 
 def test_training_step_logs_the_consistency_loss():
-    from diffuse.module import DiffusionLM
+    from diffuse.run.module import DiffusionLM
 
     bb = MODELS.build({"name": "transformer", "d_model": 32, "n_layers": 1, "n_heads": 2, "time_conditioning": True}, vocab_size=V)
     module = DiffusionLM(bb, build_objective("continuous"), [CDLMConsistency(weight=0.5)])

@@ -17,8 +17,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import OmegaConf, open_dict
 
 from conftest import run_cli
-from diffuse.build import DATAMODULE_KEYS
-from diffuse.paths import CONFIG_DIR
+from diffuse.run.build import DATAMODULE_KEYS
+from diffuse.core.paths import CONFIG_DIR
 from diffuse.registry import DATASETS, DISTILLERS, MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS, SCHEDULES, TOKENIZERS
 
 CONF = Path(CONFIG_DIR)

@@ -206,7 +206,7 @@ def test_ddim_batch_equals_singles():
 
 def test_sampler_choice_follows_the_process_of_the_objective():
     # issue 11: a mismatch is refused in one line (it used to be replaced silently)
-    from diffuse.build import build_sampler
+    from diffuse.run.build import build_sampler
     from diffuse.objectives.masked_discrete import MaskedDiscrete
 
     with pytest.raises(DiffuseError, match="sampler=remask .* objective=continuous .* use sampler=ddim"):
@@ -220,7 +220,7 @@ def test_sampler_choice_follows_the_process_of_the_objective():
 def test_objective_config_switches_time_conditioning_on():
     from hydra import compose, initialize_config_dir
 
-    from diffuse.paths import CONFIG_DIR
+    from diffuse.core.paths import CONFIG_DIR
 
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
         for model in ("transformer", "mamba2"):

@@ -10,12 +10,12 @@ import torch
 from torch import nn
 
 from conftest import SPECIAL, call_main, error_lines, tiny_args, tiny_transformer
-from diffuse.build import build_regularizers, build_sampler
+from diffuse.run.build import build_regularizers, build_sampler
 from diffuse.contracts import (Backbone, DataSource, NoisingObjective, Objective, Regularizer, Sampler,
                                TokenizerBuilder, check_contract, has_noise_process)
 from diffuse.errors import DiffuseError
-from diffuse.frozen import Frozen
-from diffuse.module import DiffusionLM
+from diffuse.run.frozen import Frozen
+from diffuse.run.module import DiffusionLM
 from diffuse.registry import DATASETS, OBJECTIVES, REGULARIZERS, SAMPLERS, TOKENIZERS
 from diffuse.schedules import build_schedule
 from test_config import compose_train

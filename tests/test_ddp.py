@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from conftest import OFFLINE, REPO, SPECIAL, call_main, error_lines, tiny_args
-from diffuse.noise import SEED_STRIDE, batch_draw, noise_generator, shard_of
+from diffuse.core.noise import SEED_STRIDE, batch_draw, noise_generator, shard_of
 from diffuse.objectives.base import antithetic_uniform
 from diffuse.registry import OBJECTIVES, REGULARIZERS
 from diffuse.schedules import build_schedule
@@ -233,8 +233,8 @@ def test_one_process_draws_are_unchanged():
 def test_training_step_of_one_process_uses_the_plain_stream(corpus):
     """DiffusionLM.training_step without ranks: the loss of the documented stream, bit for bit."""
     from diffuse.models.transformer import Transformer
-    from diffuse.module import DiffusionLM
-    from diffuse.noise import training_stream
+    from diffuse.run.module import DiffusionLM
+    from diffuse.core.noise import training_stream
 
     torch.manual_seed(0)
     backbone = Transformer(vocab_size=40, d_model=32, n_layers=1, n_heads=2)
@@ -252,7 +252,7 @@ def test_training_step_of_one_process_uses_the_plain_stream(corpus):
 def compose(overrides: list[str]):
     from hydra import compose as hydra_compose, initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
-    from diffuse.paths import CONFIG_DIR
+    from diffuse.core.paths import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

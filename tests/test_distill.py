@@ -21,8 +21,8 @@ from diffuse.distillation.cdlm import CDLM
 from diffuse.distillation.divergences import kl, mse, pick_divergence, tvd
 from diffuse.distillation.sdtt import SDTT
 from diffuse.errors import DiffuseError
-from diffuse.frozen import Frozen
-from diffuse.module import DiffusionLM
+from diffuse.run.frozen import Frozen
+from diffuse.run.module import DiffusionLM
 from diffuse.objectives.llada import LLaDA
 from diffuse.objectives.masked_discrete import MaskedDiscrete
 from diffuse.registry import OBJECTIVES
@@ -357,7 +357,7 @@ def stored(ckpt: Path) -> dict:
 
 
 def test_distill_cli_end_to_end(teacher_ckpt, tmp_path):
-    from diffuse.checkpoint import load_run
+    from diffuse.run.load import load_run
 
     teacher = tmp_path / "teacher.ckpt"
     shutil.copy(teacher_ckpt, teacher)
@@ -443,7 +443,7 @@ def test_distill_k1_error_names_method_k(teacher_ckpt, tmp_path):
 
 
 def test_distill_cdlm_cli(teacher_ckpt, tmp_path):
-    from diffuse.checkpoint import load_run
+    from diffuse.run.load import load_run
 
     out = tmp_path / "out"
     result = call_main("diffuse.distill", f"teacher={teacher_ckpt}", "method=cdlm", "method.num_trajectories=4",
@@ -509,7 +509,7 @@ def check_trajectories(module, data, prompts, gen_length, b, top_k, cases):
 
 
 def test_trajectories_of_a_checkpoint_are_the_teachers_decoding(teacher_ckpt):
-    from diffuse.checkpoint import load_run
+    from diffuse.run.load import load_run
 
     cfg, tokenizer, module = load_run(str(teacher_ckpt))
     assert not cfg.model.get("time_conditioning", False)  # t at recording time does not matter here

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import call_main, tiny_args
-from diffuse.checkpoint import load_run
-from diffuse.ema import inference_state_dict
+from diffuse.run.load import load_run
+from diffuse.run.callbacks.ema import inference_state_dict
 
 EMA = ("callbacks=ema", "callbacks.ema.decay=0.5", "optim.lr=1e-2")  # warm-up: the lr does not depend on max_steps
 

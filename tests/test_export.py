@@ -2,7 +2,7 @@
 
 import torch
 
-from diffuse.checkpoint import load_run
+from diffuse.run.load import load_run
 from diffuse.export import export, load_exported
 
 

@@ -58,7 +58,7 @@ def test_default_preset_scaled_down_prints_phases_samples_metrics_and_next_steps
     assert len(samples) == 3
 
     # the printed figures are those of the printed samples, against the training text's words
-    from diffuse.build import build_datamodule
+    from diffuse.run.build import build_datamodule
     from omegaconf import OmegaConf
 
     cfg = OmegaConf.load(run_dir / ".hydra" / "config.yaml")

@@ -3,7 +3,6 @@ optimizer, a training run identical with and without it, and the heatmap drawn f
 
 from __future__ import annotations
 
-import copy
 import csv
 import json
 
@@ -11,9 +10,9 @@ import pytest
 import torch
 
 from conftest import SPECIAL, VOCAB, error_lines, tiny_transformer
-from diffuse.analysis.gradients import bucket_gradient_norms, bucket_t_ranges, supports, t_for_level
+from diffuse.run.callbacks.gradients import bucket_gradient_norms, bucket_t_ranges, supports, t_for_level
 from diffuse.analysis.heatmap import main as heatmap_main
-from diffuse.metrics import BUCKETS
+from diffuse.core.metrics import BUCKETS
 from diffuse.registry import OBJECTIVES
 from diffuse.schedules import build_schedule
 from evaluation_runs import BASE, train, tiny_run

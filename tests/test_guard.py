@@ -15,7 +15,7 @@ from torch import nn
 
 from conftest import call_main, error_lines, tiny_args, tiny_transformer
 from diffuse.errors import DiffuseError
-from diffuse.guard import FiniteModelCheckpoint, NonFiniteGuard, check_finite_checkpoint, supports_found_inf
+from diffuse.run.callbacks.guard import FiniteModelCheckpoint, NonFiniteGuard, check_finite_checkpoint, supports_found_inf
 
 OPTIMIZERS = {
     "adamw_fused": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, fused=True),
@@ -115,7 +115,7 @@ class NoSync:
 
 
 def test_the_per_step_path_of_the_guard_and_of_ema_reads_nothing_on_the_host():
-    from diffuse.ema import EMA
+    from diffuse.run.callbacks.ema import EMA
 
     net = Net()
     opt = OPTIMIZERS["adamw_fused"](list(net.parameters()))
@@ -173,7 +173,7 @@ def test_non_finite_weights_are_never_written():
         check_finite_checkpoint({"state_dict": {"w": torch.ones(1)}, "current_model_state": {"w": torch.tensor([math.nan])}})
 
     from conftest import SPECIAL
-    from diffuse.module import DiffusionLM
+    from diffuse.run.module import DiffusionLM
     from diffuse.registry import OBJECTIVES
     from diffuse.schedules import build_schedule
 
@@ -201,7 +201,7 @@ def test_fused_adamw_is_the_default_and_optimizers_without_a_fused_kernel_still_
     from test_config import compose_train
 
     from conftest import SPECIAL
-    from diffuse.module import DiffusionLM
+    from diffuse.run.module import DiffusionLM
     from diffuse.registry import OBJECTIVES
     from diffuse.schedules import build_schedule
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import SPECIAL, VOCAB, FixedLogits, ZeroBackbone
-from diffuse.metrics import NELBO
+from diffuse.core.metrics import NELBO
 from diffuse.objectives.autoregressive import Autoregressive
 from diffuse.objectives.masked_discrete import MaskedDiscrete
 from diffuse.schedules import build_schedule

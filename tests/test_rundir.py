@@ -18,8 +18,8 @@ import torch
 import yaml
 
 from conftest import OFFLINE, REPO, call_main, error_lines, tiny_args
-from diffuse import rundir
-from diffuse.checkpoint import AtomicCheckpointIO
+from diffuse.run import rundir
+from diffuse.run.checkpoint import AtomicCheckpointIO
 
 
 def train(corpus, run_dir, *extra):
@@ -34,7 +34,7 @@ def csv_rows(run_dir, key="train/loss"):
 def test_a_second_writer_is_refused_before_it_touches_the_run_dir(corpus, tmp_path):
     run_dir = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", f"from diffuse import rundir; rundir.acquire({str(run_dir)!r}); print('held', flush=True); "
+        [sys.executable, "-c", f"from diffuse.run import rundir; rundir.acquire({str(run_dir)!r}); print('held', flush=True); "
                                "import time; time.sleep(60)"],
         env={**os.environ, **OFFLINE}, stdout=subprocess.PIPE, text=True)
     try:
@@ -57,7 +57,7 @@ def test_the_lock_is_released_after_a_run_and_after_a_failed_run(corpus, tmp_pat
     assert train(corpus, run_dir, "resume=true", "trainer.max_steps=6").returncode == 0
     rundir.acquire(run_dir)  # while this process holds it, another is refused with its holder named
     try:
-        other = subprocess.run([sys.executable, "-c", f"from diffuse import rundir; rundir.acquire({str(run_dir)!r})"],
+        other = subprocess.run([sys.executable, "-c", f"from diffuse.run import rundir; rundir.acquire({str(run_dir)!r})"],
                                env={**os.environ, **OFFLINE}, capture_output=True, text=True)
         assert other.returncode != 0 and f"in use by pid {os.getpid()}" in other.stderr
     finally:
@@ -153,13 +153,13 @@ def test_a_finished_run_keeps_its_metrics_when_resumed(corpus, tmp_path):
 
 
 def test_a_resume_reads_its_checkpoint_file_once(corpus, tmp_path, monkeypatch):
-    import diffuse.checkpoint
+    import diffuse.run.checkpoint
 
     run_dir = tmp_path / "run"
     assert train(corpus, run_dir).returncode == 0
     reads = []
-    real = diffuse.checkpoint.safe_load
-    monkeypatch.setattr(diffuse.checkpoint, "safe_load", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
+    real = diffuse.run.checkpoint.safe_load
+    monkeypatch.setattr(diffuse.run.checkpoint, "safe_load", lambda path, *a, **k: reads.append(str(path)) or real(path, *a, **k))
     result = train(corpus, run_dir, "resume=true", "trainer.max_steps=7")
     assert result.returncode == 0, result
     assert reads == [str(run_dir / "checkpoints" / "last.ckpt")]  # the entry point's read served Lightning's resume

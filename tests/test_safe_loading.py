@@ -11,7 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import call_main, error_lines
-from diffuse.checkpoint import TRUST_ENV, AtomicCheckpointIO
+from diffuse.run.checkpoint import TRUST_ENV, AtomicCheckpointIO
 from diffuse.errors import DiffuseError
 
 

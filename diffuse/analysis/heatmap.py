@@ -12,8 +12,8 @@ import math
 from pathlib import Path
 
 from diffuse.analysis import metrics_csv
+from diffuse.core.metrics import BUCKETS
 from diffuse.errors import DiffuseError, one_line_errors
-from diffuse.metrics import BUCKETS
 
 PANELS = (("grad/norm", "gradient norm (log10)", True), ("grad/loss", "loss", False),
           ("val/accuracy", "validation accuracy", False))

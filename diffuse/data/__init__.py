@@ -1,5 +1,5 @@
 """Data: text sources, tokenizers and the LightningDataModule. Every module here is found by
-diffuse/discovery.py, so a new source or tokenizer is one module plus one yaml."""
+diffuse/core/discovery.py, so a new source or tokenizer is one module plus one yaml."""
 
 from diffuse.data.datamodule import TextDataModule
 

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
+from diffuse.contracts import DataSource, TokenizerBuilder, check_contract
 from diffuse.data.packing import pack_documents, pad_documents
 from diffuse.data.prepared import CHUNK, LAYOUT, cache_key, is_prepared, open_split
 from diffuse.data.streaming import StreamingRows, materialise
 from diffuse.data.tokenizers import tokenizer_state
-from diffuse.contracts import DataSource, TokenizerBuilder, check_contract
 from diffuse.errors import DiffuseError
 from diffuse.registry import DATASETS, TOKENIZERS
 
@@ -37,7 +37,7 @@ class ResumableRandomSampler(Sampler[int]):
     With W ranks the ranks interleave over the one stream: rank r yields positions start·W + r + W·i. With
     batches of b rows, row i of rank r's step-s batch is stream position s·W·b + r + W·i, i.e. row i·W + r of
     the batch one process with batches of W·b rows reads at step s: the same rows in the same order, which
-    the sharded training noise (diffuse/noise.py) relies on."""
+    the sharded training noise (diffuse/core/noise.py) relies on."""
 
     def __init__(self, n: int, seed: int, start: int = 0, rank: int = 0, world_size: int = 1):
         self.n, self.seed, self.start = n, seed, start

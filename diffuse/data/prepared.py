@@ -33,7 +33,7 @@ from datasets.utils.tqdm import tqdm
 from torch.utils.data import Dataset
 
 from diffuse import __version__
-from diffuse.checkpoint import fsync_dir
+from diffuse.core.io import fsync_dir
 from diffuse.errors import DiffuseError
 
 log = logging.getLogger("diffuse")

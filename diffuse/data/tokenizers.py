@@ -8,13 +8,13 @@ as a plain Hugging Face folder. `vocab_size` of the model is `len(tokenizer)`.
 from __future__ import annotations
 
 import hashlib
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from diffuse.core.io import write_text_atomic
 from diffuse.errors import DiffuseError
 from diffuse.registry import TOKENIZERS
 
@@ -91,10 +91,7 @@ class BPETokenizer:
         )
         tok.train_from_iterator(_batches(_first_chars(texts, self.train_chars)), trainer=trainer)
         if cache is not None:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-            tmp.write_text(tok.to_str())
-            os.replace(tmp, cache)  # atomic: concurrent sweep jobs never read half a file
+            write_text_atomic(cache, tok.to_str())  # concurrent sweep jobs never read half a file
         return _wrap(tok)
 
 

@@ -2,4 +2,4 @@
 self-distillation through time) and `cdlm` (the CDLM paper's trajectory distillation). A distiller
 replaces the objective's training loss (`DiffusionLM.training_step`); validation stays the objective's
 own bound, so a student's val/nelbo sits on its teacher's scale. `python -m diffuse.distill` runs them.
-Every module here is found by diffuse/discovery.py."""
+Every module here is found by diffuse/core/discovery.py."""

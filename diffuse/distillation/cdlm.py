@@ -21,18 +21,22 @@ levels of one corruption, added to ordinary training (diffuse/regularizers/cdlm_
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
+from diffuse.core.noise import batch_draw
 from diffuse.distillation import trajectories as traj
 from diffuse.distillation.plan import Round
 from diffuse.errors import DiffuseError
-from diffuse.noise import batch_draw
 from diffuse.objectives.base import LossOutput
 from diffuse.registry import DISTILLERS
-
+from diffuse.run.build import build_datamodule
+from diffuse.run.entry import pick_device
+from diffuse.run.load import load_run
 
 
 def randint_rows(hi: torch.Tensor | int, shape, generator, device) -> torch.Tensor:
@@ -135,11 +139,6 @@ class CDLM(nn.Module):
 
 def record_for(teacher: str, teacher_cfg: dict, method: dict, path: Path) -> None:
     """Record the trajectories `method` asks for from the teacher checkpoint into `path` (atomically)."""
-    import logging
-
-    from diffuse.checkpoint import load_run
-    from diffuse.cli import pick_device
-
     log = logging.getLogger("diffuse")
     device = pick_device("auto")
     _, tokenizer, module = load_run(teacher, key="teacher")
@@ -156,10 +155,6 @@ def record_for(teacher: str, teacher_cfg: dict, method: dict, path: Path) -> Non
 
 def training_prompts(teacher_cfg: dict, tokenizer, n: int, length: int) -> list[list[int]]:
     """The first `length` tokens (after BOS) of n training rows of the teacher's data."""
-    from omegaconf import OmegaConf
-
-    from diffuse.build import build_datamodule
-
     cfg = OmegaConf.create(teacher_cfg)
     dm = build_datamodule(cfg, seed=int(cfg.get("seed", 0)), cache_dir=cfg.paths.cache_dir)
     dm.load(tokenizer)

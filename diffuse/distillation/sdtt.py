@@ -22,13 +22,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffuse.core.noise import batch_draw
 from diffuse.distillation.divergences import pick_divergence
 from diffuse.distillation.plan import Round, previous_student
 from diffuse.errors import DiffuseError
-from diffuse.frozen import Frozen
-from diffuse.noise import batch_draw
 from diffuse.objectives.base import LossOutput
 from diffuse.registry import DISTILLERS
+from diffuse.run.frozen import Frozen
 
 
 @DISTILLERS.register("sdtt")

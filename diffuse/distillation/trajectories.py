@@ -18,9 +18,9 @@ from pathlib import Path
 
 import torch
 
-from diffuse.checkpoint import AtomicCheckpointIO, safe_load
 from diffuse.errors import DiffuseError
 from diffuse.evaluation.progress import ProgressBar
+from diffuse.run.checkpoint import AtomicCheckpointIO, safe_load
 from diffuse.sampling.base import row_generators, sample_tokens
 
 

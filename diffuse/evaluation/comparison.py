@@ -3,16 +3,13 @@ speedup of B over A, rendered as `comparison.md` (the numbers also go to `compar
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from diffuse.evaluation.formatting import num
+from diffuse.run.checkpoint import read_checkpoint, stored_config
 
 
 def training_budget(ckpt_path: str) -> dict:
     """Tokens seen in training: global_step × batch_size × seq_len × gradient accumulation (padding
     included; one device assumed — multiply by the world size for multi-GPU runs)."""
-    from diffuse.checkpoint import read_checkpoint, stored_config
-
     ckpt = read_checkpoint(ckpt_path, "ckpt", mmap=True)  # weights_only, like every load; mmap: no tensor is read
     cfg = stored_config(ckpt)
     data, trainer = cfg.get("data", {}), cfg.get("trainer", {})

@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from pathlib import Path
+
+from diffuse.core.io import write_text_atomic
 
 
 def write_json(path: str | Path, obj) -> None:
     """Atomic; NaN/inf become null so the file is strict JSON."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(obj), indent=2) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(_finite(obj), indent=2) + "\n")
 
 
 def _finite(obj):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from diffuse.contracts import is_autoregressive
 from diffuse.errors import DiffuseError
+from diffuse.run.load import load_run
 
 
 @dataclass
@@ -86,8 +87,6 @@ class HFJudge:
 def build_judge(judge: str | None, judge_model: str | None, device, candidates=()):
     """The judge named by the config, else the first autoregressive candidate `(name, module,
     tokenizer)`, else None (gen-PPL is then skipped)."""
-    from diffuse.checkpoint import load_run
-
     if judge is None:
         for name, module, tokenizer in candidates:
             if is_autoregressive(module.objective):

@@ -2,7 +2,7 @@
 
 Each batch is scored `t_samples` times with independent noise streams through the objective's own
 `loss(..., train=False)` (the maths lives there, not here). Stream 0 of batch b is the one training's
-validation uses (diffuse/noise.py), so `t_samples=1` with the checkpoint's seed and data reproduces its val/nelbo.
+validation uses (diffuse/core/noise.py), so `t_samples=1` with the checkpoint's seed and data reproduces its val/nelbo.
 
 Two standard errors of the per-token estimate R = Σ nll / Σ tokens:
 - `val/nelbo_stderr` — across batches (each batch's nll averaged over its t-samples), the ratio
@@ -19,8 +19,8 @@ from collections.abc import Callable, Iterable
 import torch
 
 from diffuse.contracts import has_noise_process
-from diffuse.metrics import NELBO, CorruptionAccuracy
-from diffuse.noise import noise_generator, validation_stream
+from diffuse.core.metrics import NELBO, CorruptionAccuracy
+from diffuse.core.noise import noise_generator, validation_stream
 
 
 @torch.no_grad()

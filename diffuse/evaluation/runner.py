@@ -8,15 +8,15 @@ from itertools import islice
 
 from omegaconf import OmegaConf
 
-from diffuse.build import DATAMODULE_KEYS, as_dict, build_datamodule
-from diffuse.checkpoint import load_run
-from diffuse.cli import check_context, sampler_spec
 from diffuse.contracts import is_autoregressive
 from diffuse.errors import DiffuseError
 from diffuse.evaluation.likelihood import evaluate_likelihood
 from diffuse.evaluation.quality import degenerate, real_snippets, reference
 from diffuse.evaluation.sweep import sweep
 from diffuse.registry import SAMPLERS
+from diffuse.run.build import DATAMODULE_KEYS, as_dict, build_datamodule
+from diffuse.run.entry import check_context, sampler_spec
+from diffuse.run.load import load_run
 
 
 @dataclass

@@ -13,10 +13,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from diffuse.build import build_sampler
 from diffuse.contracts import is_autoregressive
 from diffuse.errors import DiffuseError
 from diffuse.evaluation.quality import Samples, generate, quality
+from diffuse.run.build import build_sampler
 
 
 def sweep(module, sampler_spec: dict, steps: list[int], tokenizer, judge, num_samples: int, length: int,

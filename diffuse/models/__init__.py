@@ -1,2 +1,2 @@
 """Backbones, registered by name (contract: diffuse/contracts.py Backbone). Every module here is
-found by diffuse/discovery.py."""
+found by diffuse/core/discovery.py."""

@@ -1,1 +1,1 @@
-"""Training objectives, registered by name. Every module here is found by diffuse/discovery.py."""
+"""Training objectives, registered by name. Every module here is found by diffuse/core/discovery.py."""

@@ -29,9 +29,9 @@ import torch
 from torch import nn
 
 from diffuse.contracts import ABSORBING, BLOCK_ABSORBING
+from diffuse.core.noise import batch_draw
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout
-from diffuse.noise import batch_draw
 from diffuse.objectives.base import LossOutput, SpecialTokens, antithetic_uniform
 from diffuse.objectives.losses import selected_cross_entropy
 from diffuse.schedules import Schedule

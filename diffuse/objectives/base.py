@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from diffuse.noise import batch_strata
+from diffuse.core.noise import batch_strata
 
 
 @dataclass(frozen=True)
@@ -46,7 +46,7 @@ class LossOutput:
 
 def antithetic_uniform(n: int, device, generator=None, shape_tail: tuple = ()) -> torch.Tensor:
     """n stratified draws on [0, 1): one shared offset plus i/n (lower variance than i.i.d.); with a
-    sharded generator, this rank's rows of the global batch's strata (diffuse/noise.py)."""
+    sharded generator, this rank's rows of the global batch's strata (diffuse/core/noise.py)."""
     u0 = torch.rand((1, *shape_tail), device=device, generator=generator)
     strata = batch_strata(n, generator, device=device, dtype=u0.dtype).reshape(n, *([1] * len(shape_tail)))
     return (u0 + strata) % 1.0

@@ -31,9 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffuse.contracts import GAUSSIAN
+from diffuse.core.noise import batch_draw
 from diffuse.errors import DiffuseError
-from diffuse.noise import batch_draw
-from diffuse.objectives.base import LossOutput, SpecialTokens, antithetic_uniform, predicted_token_stats
+from diffuse.objectives.base import (
+    LossOutput,
+    SpecialTokens,
+    antithetic_uniform,
+    predicted_token_stats,
+)
 from diffuse.registry import OBJECTIVES
 from diffuse.schedules import Schedule
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from diffuse.contracts import NOISING_HOOKS
+from diffuse.core.noise import batch_draw
 from diffuse.errors import DiffuseError
-from diffuse.noise import batch_draw
 from diffuse.registry import REGULARIZERS
 
 

@@ -79,7 +79,6 @@ class BlockSampler:
                                "sampler.use_cache=null (the cache where there is one) or false")
         special, device, B = objective.special, next(backbone.parameters()).device, len(prompts)
         head, head_seg = left_padded(prompts, special, device)
-        W = head.shape[1]
         x = torch.full((B, length), special.mask, dtype=torch.long, device=device)
         gens = row_generators(seed, B, device)
         cost, done = RowCost(B, False, device), torch.zeros(B, dtype=torch.bool, device=device)

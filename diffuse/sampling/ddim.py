@@ -14,7 +14,13 @@ import torch
 from diffuse.contracts import GAUSSIAN
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
-from diffuse.sampling.base import SampleOutput, masked_canvas, row_generators, take_generated, trim_at_eos
+from diffuse.sampling.base import (
+    SampleOutput,
+    masked_canvas,
+    row_generators,
+    take_generated,
+    trim_at_eos,
+)
 
 
 @SAMPLERS.register("ddim")

@@ -29,7 +29,13 @@ from __future__ import annotations
 
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
-from diffuse.sampling.absorbing import AbsorbingSampler, CommitTopK, even_share, one_per_step, schedule_share
+from diffuse.sampling.absorbing import (
+    AbsorbingSampler,
+    CommitTopK,
+    even_share,
+    one_per_step,
+    schedule_share,
+)
 from diffuse.schedules import LinearSchedule, build_schedule
 
 

@@ -13,7 +13,12 @@ Defaults are those of conf/sampler/ancestral.yaml and conf/sampler/remask.yaml.
 from __future__ import annotations
 
 from diffuse.registry import SAMPLERS
-from diffuse.sampling.absorbing import AbsorbingSampler, CommitTopK, RevealByChance, schedule_share
+from diffuse.sampling.absorbing import (
+    AbsorbingSampler,
+    CommitTopK,
+    RevealByChance,
+    schedule_share,
+)
 from diffuse.schedules import build_schedule
 
 

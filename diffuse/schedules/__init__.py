@@ -1,5 +1,5 @@
 """Noise schedules on t ∈ [0, 1], independent of models and objectives (as in diffusers). A new
-schedule is a module in this package (found by diffuse/discovery.py) plus conf/schedule/<name>.yaml.
+schedule is a module in this package (found by diffuse/core/discovery.py) plus conf/schedule/<name>.yaml.
 
 α(t) is the keep-probability for masked objectives and the signal level ᾱ for Gaussian ones:
 α(0) = 1 (clean), α(1) ≈ 0 (all noise). Each schedule gives α and α′; the NELBO weight

@@ -27,7 +27,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from diffuse.noise import noise_generator, training_stream
+from diffuse.core.noise import noise_generator, training_stream
 
 # dense bf16 peak of the chips we may be lent, by a substring of torch.cuda.get_device_name()
 PEAK_BF16 = {"H200": 989.4e12, "H100": 989.4e12, "GH200": 989.4e12, "A100": 312e12, "B200": 2250e12}
@@ -276,7 +276,7 @@ def compose_train_config(overrides: list[str], run_dir: Path):
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import OmegaConf, open_dict
 
-    from diffuse.paths import CONFIG_DIR
+    from diffuse.core.paths import CONFIG_DIR
 
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from diffuse.build import build_sampler
+from diffuse.run.build import build_sampler
 from diffuse.evaluation.judges import DiffuseJudge
 from diffuse.evaluation.quality import Samples, quality, real_snippets, reference
 from diffuse.evaluation.runner import heldout, load_checkpoint

@@ -6,7 +6,7 @@ Plugins: every installed distribution may declare entry points in the group `dif
 names a module that is imported the same way. If that module is a package holding a `conf/` folder,
 the folder joins Hydra's config search path (hydra_plugins/diffuse_searchpath), so the plugin's
 yamls are selectable like built-in ones (`objective=<plugin's name>`; PluginConfigs below, registered
-with Hydra by diffuse/paths.py, which every entry point imports). Nothing in diffuse is edited.
+with Hydra by diffuse/core/paths.py, which every entry point imports). Nothing in diffuse is edited.
 
     # a plugin's pyproject.toml
     [project.entry-points."diffuse.plugins"]

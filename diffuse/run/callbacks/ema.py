@@ -3,7 +3,7 @@
 The checkpoint layout is Lightning's: `state_dict` holds the **EMA** weights, `current_model_state` the raw ones,
 `averaging_state` the average's counter (`n_averaged`); everything is tensors and plain containers
 (`torch.load(weights_only=True)` reads it). So whatever loads `state_dict` — `diffuse.sample`, `diffuse.evaluate`,
-`diffuse.export`, a frozen teacher, all through `checkpoint.load_run` → `inference_state_dict` — uses the EMA
+`diffuse.export`, a frozen teacher, all through `run.load.load_run` → `inference_state_dict` — uses the EMA
 weights, and a resumed fit restores both (Lightning loads `state_dict`, then the callback reloads the raw weights
 into the module and the EMA into its average).
 

@@ -28,7 +28,7 @@ import lightning as L
 from hydra.experimental.callback import Callback
 
 from diffuse.errors import DiffuseError
-from diffuse.module import LR_SCHEDULE_KEYS
+from diffuse.run.module import LR_SCHEDULE_KEYS
 
 log = logging.getLogger("diffuse")
 

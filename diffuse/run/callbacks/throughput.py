@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
 import lightning as L
+
+from diffuse.core.io import write_text_atomic
 
 
 class Throughput(L.Callback):
@@ -78,8 +79,5 @@ def write_metrics_json(path: str | Path, metrics: dict) -> dict:
     """Flat {name: float}; written atomically (a temporary file of this process's own, then a rename).
     The training entry point calls it on global rank 0 only."""
     flat = flat_metrics(metrics)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(flat, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(flat, indent=2, sort_keys=True) + "\n")
     return flat

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from diffuse.run.load import load_run
+
 
 class Frozen(nn.Module):
     def __init__(self, net: nn.Module, source: str):
@@ -26,8 +28,6 @@ class Frozen(nn.Module):
     @classmethod
     def from_checkpoint(cls, ckpt_path: str, map_location="cpu") -> Frozen:
         """The backbone of a diffuse checkpoint, frozen, remembering its path."""
-        from diffuse.checkpoint import load_run
-
         _, _, module = load_run(ckpt_path, map_location)
         return cls(module.backbone, ckpt_path)
 

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
-import os
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
+
+from diffuse.core.io import atomic_write
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -42,10 +43,8 @@ class RunCSVLogger(CSVLogger):
         kept = [r for r in rows if not r.get("step") or int(float(r["step"])) < step]
         if len(kept) == len(rows):
             return 0
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "w", newline="") as f:
+        with atomic_write(path, newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(kept)
-        os.replace(tmp, path)
         return len(rows) - len(kept)

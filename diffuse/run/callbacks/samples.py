@@ -19,6 +19,7 @@ import math
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 
 COLUMNS = ["step", "index", "n_tokens", "n_masked", "nfe", "original", "masked", "generated"]
 
@@ -69,8 +70,6 @@ class SampleEveryNSteps(L.Callback):
             self.log_rows(trainer, rows)
 
     def log_rows(self, trainer, rows: list[list]):
-        from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
-
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.log_table(key="samples", columns=COLUMNS, data=rows, step=trainer.global_step)

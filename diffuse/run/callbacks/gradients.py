@@ -1,5 +1,5 @@
 """Which corruption levels drive learning? Every N steps, the gradient norm of the objective's loss
-restricted to each corruption bucket (low / mid / high noise, diffuse.metrics.BUCKETS).
+restricted to each corruption bucket (low / mid / high noise, diffuse.core.metrics.BUCKETS).
 
 For each bucket: one extra forward/backward on the current batch with t drawn uniformly inside the
 bucket's range of noise levels (the objective's `noise_level(t)`: the mask ratio for masked
@@ -19,9 +19,9 @@ import lightning as L
 import torch
 
 from diffuse.contracts import has_noise_process
+from diffuse.core.metrics import BUCKETS
+from diffuse.core.noise import noise_generator
 from diffuse.errors import DiffuseError
-from diffuse.metrics import BUCKETS
-from diffuse.noise import noise_generator
 
 log = logging.getLogger("diffuse")
 

@@ -7,10 +7,19 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from diffuse.contracts import Backbone, Distiller, Objective, Regularizer, Sampler, check_contract
+from diffuse.contracts import (
+    Backbone,
+    Distiller,
+    Objective,
+    Regularizer,
+    Sampler,
+    check_contract,
+)
+from diffuse.data import TextDataModule
 from diffuse.errors import DiffuseError
 from diffuse.objectives.base import SpecialTokens
 from diffuse.registry import DISTILLERS, MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS
+from diffuse.run.module import DiffusionLM
 from diffuse.schedules import build_schedule
 
 log = logging.getLogger("diffuse")
@@ -27,8 +36,6 @@ def as_dict(cfg) -> dict:
 
 def build_datamodule(cfg, seed: int, cache_dir: str):
     """`data.*` keys of the DataModule go to it; the rest (name, path, …) describe the text source."""
-    from diffuse.data import TextDataModule
-
     data = as_dict(cfg.data)
     kwargs = {k: data.pop(k) for k in DATAMODULE_KEYS if k in data}
     return TextDataModule(source=data, tokenizer=as_dict(cfg.tokenizer), seed=seed, cache_dir=cache_dir, **kwargs)
@@ -128,8 +135,6 @@ def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legac
     """`legacy`: a checkpoint written before samplers were checked against the objective's process may
     name a sampler that never fitted (it was silently replaced then); it is replaced again, and said so.
     `inference`: for sampling and evaluation, without what only training needs (a distillation teacher)."""
-    from diffuse.module import DiffusionLM
-
     backbone = build_model(cfg, tokenizer)
     objective = build_objective(cfg, tokenizer)
     if hasattr(objective, "check_backbone"):  # an objective that needs more of the backbone says so in one line
@@ -153,43 +158,3 @@ def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legac
         run_config=run_config,
         distiller=None if inference else build_distiller(cfg, objective),
     )
-
-
-def check_checkpoint_fits(module, ckpt: dict, ckpt_path: str) -> None:
-    """Make sure a checkpoint's weights and objective fit `module`; one line names what differs. Objectives
-    that share a backbone (masked_discrete, autoregressive, llada) have the same tensors, so a resume under
-    another objective would fit the weights while continuing the optimizer and step count under another loss."""
-    from diffuse.checkpoint import stored_config
-
-    trained = (stored_config(ckpt).get("objective") or {}).get("name")
-    given = getattr(module.objective, "registry_name", None)
-    if trained and given and trained != given:
-        raise DiffuseError(f"checkpoint {ckpt_path} was trained with objective={trained}, not objective={given}; "
-                           f"a resume continues the same run: use objective={trained}")
-    mine = module.state_dict()
-    theirs = ckpt.get("state_dict", {})
-    missing = sorted(set(mine) - set(theirs))
-    extra = sorted(set(theirs) - set(mine))
-    shapes = sorted(k for k in set(mine) & set(theirs) if tuple(mine[k].shape) != tuple(theirs[k].shape))
-    if missing or extra or shapes:
-        first = (shapes or missing or extra)[0]
-        raise DiffuseError(
-            f"checkpoint {ckpt_path} was written by another config ({len(missing)} missing, {len(extra)} unexpected, "
-            f"{len(shapes)} reshaped tensors, e.g. {first}); use the config it was trained with"
-        )
-
-
-def load_weights(module, ckpt: dict, ckpt_path: str, key: str = "init_from") -> None:
-    """Start `module` from a checkpoint's weights (its EMA weights when it kept them), nothing else: not its
-    step, optimizer or objective. One line names what does not fit."""
-    from diffuse.ema import inference_state_dict
-
-    theirs = inference_state_dict(ckpt)
-    mine = module.state_dict()
-    missing, extra = sorted(set(mine) - set(theirs)), sorted(set(theirs) - set(mine))
-    shapes = sorted(k for k in set(mine) & set(theirs) if tuple(mine[k].shape) != tuple(theirs[k].shape))
-    if missing or extra or shapes:
-        first = (shapes or missing or extra)[0]
-        raise DiffuseError(f"{key}={ckpt_path} does not fit this model ({len(missing)} missing, {len(extra)} "
-                           f"unexpected, {len(shapes)} reshaped tensors, e.g. {first}); use its model config")
-    module.load_state_dict(theirs)

@@ -8,9 +8,9 @@ import logging
 import torch
 from hydra.core.hydra_config import HydraConfig
 
-from diffuse.build import as_dict
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS, accepts_keyword
+from diffuse.run.build import as_dict
 
 log = logging.getLogger("diffuse")
 

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from omegaconf import OmegaConf
 
+from diffuse.core.io import atomic_write
+from diffuse.data.tokenizers import tokenizer_from_state
 from diffuse.errors import DiffuseError
 
 log = logging.getLogger("diffuse")
@@ -48,15 +49,6 @@ def safe_load(path, key: str, map_location="cpu", mmap: bool = False):
         raise DiffuseError(f"{key}={path} is not a readable checkpoint ({type(err).__name__})") from None
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a rename inside `folder` durable."""
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Write to a temporary file in the same folder, fsync it, rename, fsync the folder: a crash (or a
     power loss) leaves the old file or the new one, never half of one; a failed write leaves no temp file.
@@ -76,19 +68,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return read_checkpoint(str(path), "ckpt_path", map_location if map_location is not None else "cpu")
 
     def save_checkpoint(self, checkpoint, path, storage_options=None):
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        fsync_dir(path.parent)
+        with atomic_write(path, "wb") as f:
+            torch.save(checkpoint, f)
 
 
 def read_checkpoint(ckpt_path: str, key: str, map_location="cpu", mmap: bool = False) -> dict:
@@ -108,26 +89,6 @@ def read_checkpoint(ckpt_path: str, key: str, map_location="cpu", mmap: bool = F
     return ckpt
 
 
-def load_run(ckpt_path: str, map_location="cpu", key: str = "ckpt"):
-    """(config, tokenizer, DiffusionLM) rebuilt from one checkpoint file, weights loaded, eval mode.
-    `key` is the config key that named the file (`ckpt`, `judge`, …), for the error messages."""
-    from diffuse.build import build_module
-    from diffuse.data.tokenizers import tokenizer_from_state
-
-    ckpt = read_checkpoint(ckpt_path, key, map_location)
-    meta = ckpt.get("diffuse")
-    if not meta or not meta.get("tokenizer"):
-        raise DiffuseError(f"{key}={ckpt_path} was not written by diffuse (no config/tokenizer inside)")
-    cfg = OmegaConf.create(meta["config"])
-    tokenizer = tokenizer_from_state(meta["tokenizer"])
-    # a distilled student samples and evaluates without its teacher
-    module = build_module(cfg, tokenizer, run_config=meta["config"], legacy=True, inference=True)
-    from diffuse.ema import inference_state_dict  # the EMA weights when the run averaged them (callbacks=ema)
-    module.load_state_dict(inference_state_dict(ckpt))
-    module.eval()
-    return cfg, tokenizer, module
-
-
 def stored_config(ckpt: dict) -> dict:
     """The run config a diffuse checkpoint (an already-read dict) carries; {} for other files."""
     return (ckpt.get("diffuse") or {}).get("config") or {}
@@ -135,8 +96,6 @@ def stored_config(ckpt: dict) -> dict:
 
 def checkpoint_tokenizer(ckpt: dict, ckpt_path: str):
     """The tokenizer a diffuse checkpoint (an already-read dict) was trained with."""
-    from diffuse.data.tokenizers import tokenizer_from_state
-
     meta = ckpt.get("diffuse") or {}
     if not meta.get("tokenizer"):
         raise DiffuseError(f"ckpt_path={ckpt_path} was not written by diffuse (no tokenizer inside)")

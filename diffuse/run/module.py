@@ -10,9 +10,12 @@ import torch
 from hydra.utils import get_object, instantiate
 from torch import nn
 
-from diffuse.metrics import NELBO, CorruptionAccuracy
-from diffuse.noise import noise_generator, training_stream, validation_stream
+from diffuse.core.metrics import NELBO, CorruptionAccuracy
+from diffuse.core.noise import noise_generator, training_stream, validation_stream
+from diffuse.data.tokenizers import tokenizer_state
 from diffuse.registry import accepts_keyword
+from diffuse.run.callbacks.ema import resume_without_ema
+from diffuse.run.callbacks.guard import check_finite_checkpoint
 
 # optim keys that shape the learning-rate schedule; every other key (with `_target_`) builds the optimizer
 LR_SCHEDULE_KEYS = ("warmup_steps", "min_lr_ratio", "total_steps")
@@ -49,7 +52,7 @@ class DiffusionLM(L.LightningModule):
     def training_step(self, batch, batch_idx):
         accumulate = self.trainer.accumulate_grad_batches if self._trainer is not None else 1
         rank, world = self._rank_and_world()
-        # every rank seeds the same stream and keeps its rows of the global batch's draws (diffuse/noise.py)
+        # every rank seeds the same stream and keeps its rows of the global batch's draws (diffuse/core/noise.py)
         gen = noise_generator(self.seed, training_stream(self.global_step, batch_idx, accumulate), self.device,
                               rank=rank, world_size=world)
         for component in (self.objective, *self.regularizers):  # curricula and annealing read it
@@ -124,7 +127,7 @@ class DiffusionLM(L.LightningModule):
         if "betas" in spec:
             spec["betas"] = tuple(spec["betas"])
         if "fused" in spec and not target_accepts(spec["_target_"], "fused"):
-            spec.pop("fused")  # an optimizer without a fused kernel: diffuse.guard skips its bad steps with a host sync
+            spec.pop("fused")  # an optimizer without a fused kernel: diffuse.run.callbacks.guard skips its bad steps with a host sync
         # the decay group takes the optimizer's weight_decay; norms, biases and embeddings take none
         opt = instantiate(spec, [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], _convert_="all")
         warmup, total = int(o.get("warmup_steps", 0)), int(o.get("total_steps") or 0)
@@ -143,9 +146,6 @@ class DiffusionLM(L.LightningModule):
 
     # -- checkpoints carry what is needed to rebuild the run --------------------------------------
     def on_save_checkpoint(self, checkpoint):
-        from diffuse.data.tokenizers import tokenizer_state
-        from diffuse.guard import check_finite_checkpoint
-
         check_finite_checkpoint(checkpoint)  # runs after the callbacks' hooks (EMA): never write non-finite weights
         checkpoint["diffuse"] = {
             "config": self.run_config,
@@ -153,8 +153,6 @@ class DiffusionLM(L.LightningModule):
         }
 
     def on_load_checkpoint(self, checkpoint):
-        from diffuse.ema import resume_without_ema
-
         resume_without_ema(self._trainer, checkpoint)  # an EMA checkpoint resumed without EMA: the raw weights
 
     # -- sampling -------------------------------------------------------------------------------
