@@ -34,6 +34,7 @@ from torch.utils.data import Dataset
 
 from diffuse import __version__
 from diffuse.core.io import fsync_dir
+from diffuse.core.ranks import is_local_rank_zero
 from diffuse.errors import DiffuseError
 
 log = logging.getLogger("diffuse")
@@ -50,7 +51,7 @@ def cache_key(parts: dict) -> str:
 
 def is_writer() -> bool:
     """Local rank 0 of each node prepares (a node-local cache_dir works too); torch.distributed is not needed."""
-    return all(int(os.environ.get(k, 0) or 0) == 0 for k in ("LOCAL_RANK", "SLURM_LOCALID"))
+    return is_local_rank_zero()
 
 
 def uint_for(largest: int) -> np.dtype:
