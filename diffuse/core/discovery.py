@@ -4,9 +4,10 @@ Built-ins: every module of the family packages below is imported, so a new compo
 (with its `@REGISTRY.register("name")`) plus one yaml in its config group; no import list to edit.
 Plugins: every installed distribution may declare entry points in the group `diffuse.plugins`; each
 names a module that is imported the same way. If that module is a package holding a `conf/` folder,
-the folder joins Hydra's config search path (hydra_plugins/diffuse_searchpath), so the plugin's
-yamls are selectable like built-in ones (`objective=<plugin's name>`; PluginConfigs below, registered
-with Hydra by diffuse/core/paths.py, which every entry point imports). Nothing in diffuse is edited.
+the folder joins Hydra's config search path, so the plugin's yamls are selectable like built-in ones
+(`objective=<plugin's name>`): `PluginConfigs` below is a Hydra `SearchPathPlugin`, registered
+with Hydra by diffuse/core/paths.py (`Plugins.instance().register`), which every Hydra command
+imports for its CONFIG_DIR. Nothing in diffuse is edited.
 
     # a plugin's pyproject.toml
     [project.entry-points."diffuse.plugins"]
