@@ -205,7 +205,7 @@ def test_ddim_batch_equals_singles():
 
 
 def test_sampler_choice_follows_the_process_of_the_objective():
-    # issue 11: a mismatch is refused in one line (it used to be replaced silently)
+    # a mismatch is refused in one line, never replaced silently by another sampler
     from diffuse.run.build import build_sampler
     from diffuse.objectives.masked_discrete import MaskedDiscrete
 

@@ -1,4 +1,4 @@
-"""Issue 12.6: EMA of the weights (`callbacks=ema`, Lightning's EMAWeightAveraging): validation, the samples printed
+"""EMA of the weights (`callbacks=ema`, Lightning's EMAWeightAveraging): validation, the samples printed
 at the end of training, sample / evaluate / export use the averaged weights; resume restores raw weights and EMA."""
 
 from __future__ import annotations

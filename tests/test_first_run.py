@@ -1,4 +1,4 @@
-"""Issue 16: what `make train` (the default preset) prints at the end — a progress line per phase, the
+"""What `make train` (the default preset) prints at the end — a progress line per phase, the
 samples, how they read (diffuse/evaluation/readable.py), val/bpt, the run dir and three next commands."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""experiments/bench/gpu_check.py (issue 17's GPU check) on CPU: its arguments, and a section end to end at a
+"""experiments/bench/gpu_check.py (the GPU check) on CPU: its arguments, and a section end to end at a
 micro size, with the mamba-ssm column reported as skipped. The GPU run itself is gpu_check.sh on a GPU machine."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Issue 12.2: a non-finite loss or gradient norm skips the step exactly, on the device; K in a row stop the run in
+"""A non-finite loss or gradient norm skips the step exactly, on the device; K in a row stop the run in
 one line (exit 2); no checkpoint holds non-finite weights and best.ckpt never records a NaN validation."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""A run directory holds one run's outputs, complete and unmixed (issue 12, item 4): a lock against a
+"""A run directory holds one run's outputs, complete and unmixed: a lock against a
 second writer, unique default dirs, resume that refuses a missing checkpoint, temp files cleaned,
 durable checkpoint writes, one row per step in metrics.csv, changed optimisation keys said and used,
 and a finished run's metrics kept by a resume."""

@@ -1,4 +1,4 @@
-"""Training analyses (seed 001): gradient norms by corruption level, heatmaps of them, learning curves."""
+"""Training analyses: gradient norms by corruption level, heatmaps of them, learning curves."""
 
 from pathlib import Path
 

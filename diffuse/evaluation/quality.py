@@ -1,5 +1,6 @@
 """Quality of generated samples: gen-PPL under a judge, diversity beside it, and the judge's score on
-real held-out text of the same length as the reference line (DESIGN §5)."""
+real held-out text of the same length as the reference line: gen-PPL alone rewards repetitive, low-entropy
+text, so it is never shown without them."""
 
 from __future__ import annotations
 

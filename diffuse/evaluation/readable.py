@@ -7,7 +7,8 @@ print after every training run (diffuse/train.py) and to assert in a test (tests
 - `max_repeat`: the longest run of one word repeated back to back ("the the the" is 3);
 - `entropy` beside `real_entropy`: the samples' mean unigram entropy in bits over their tokens, and that of
   real held-out text cut to the same lengths. A sampler that reads well only because its entropy is
-  below the real text's (low temperature, confidence-ordered decoding) is degenerate (DESIGN §5).
+  below the real text's (low temperature, confidence-ordered decoding) is degenerate: repetition, not
+  quality (the same honesty check as gen-PPL's, diffuse/evaluation/quality.py).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterable, Sequence
 
 from diffuse.evaluation.text_stats import distinct_n, unigram_entropy
 
-# what the printed samples of the default run are held to (issue 16); tests use the same numbers
+# what the printed samples of the default run are held to (README: the default preset); tests use the same numbers
 TARGETS = {"in_corpus": 0.85, "distinct_2": 0.5, "max_repeat": 3}
 
 

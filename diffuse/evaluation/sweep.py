@@ -80,7 +80,7 @@ def speedup(a: list[dict], b: list[dict], reference_steps: int | None = None, to
         "step_speedup_vs_reference": ratio(ref["steps"], cost_b["steps"]),
         "nfe_speedup": ratio(cost_a["nfe"], cost_b["nfe"]),
         "wall_speedup": ratio(cost_a["seconds_per_sample"], cost_b["seconds_per_sample"]),
-        # a "win" at lower entropy is repetition, not quality (DESIGN §5): say so beside the number
+        # a "win" at lower entropy is repetition, not quality (gen-PPL rewards it): say so beside the number
         "b_less_diverse": cost_b["entropy"] < cost_a["entropy"] * (1.0 - tolerance),
     })
     return out

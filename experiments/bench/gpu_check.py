@@ -1,4 +1,4 @@
-"""GPU check (issue 17): the paths tested on CPU only — mamba-ssm kernels, bf16, torch.compile, attention masks —
+"""GPU check: the paths tested on CPU only — mamba-ssm kernels, bf16, torch.compile, attention masks —
 run on a GPU, with every number written to experiments/bench/gpu-<date>.md beside the machine and package versions.
 
     bash experiments/bench/gpu_check.sh                            # on the GPU machine (installs the wheels first)
@@ -357,7 +357,7 @@ def main(argv=None) -> int:
     report(f"# GPU check, {datetime.date.today().isoformat()}{' — TINY sizes, not a GPU result' if args.tiny else ''}")
     report("")
     report(f"`{' '.join(['experiments/bench/gpu_check.py', *(argv if argv is not None else sys.argv[1:])])}` "
-           f"at commit {commit()}; issue 17. Written by experiments/bench/gpu_check.py.")
+           f"at commit {commit()}. Written by experiments/bench/gpu_check.py.")
     report("")
     for line in machine(device):
         report(line)

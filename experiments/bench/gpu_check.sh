@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check (issue 17): one script, ≤ 8 minutes on an H200. The sections and the report are
+# GPU check: one script, ≤ 8 minutes on an H200. The sections and the report are
 # experiments/bench/gpu_check.py's (its docstring); this wrapper finds the wheels and the data, installs what
 # the machine lacks, and runs it.
 #

@@ -1,4 +1,4 @@
-"""The two speed sections of experiments/bench/gpu_check.py (issue 17); imported by it, not run alone.
+"""The two speed sections of experiments/bench/gpu_check.py; imported by it, not run alone.
 
 P4 — forward + backward of d_model × n_layers stacks on [batch, L, d_model] inputs under bf16 autocast:
   ours       diffuse.models.mamba2.Mamba2 (two scans per block, mamba-ssm's chunk-scan kernel on CUDA when
@@ -168,7 +168,7 @@ def run_p4(size, device, bf16: bool, out) -> dict:
         out("")
     for label, ratios in targets.items():
         if ratios:
-            out(f"target (issue 17) ours ≤ 2.2× mamba-ssm at every L, {label}: worst {max(ratios):.2f}× "
+            out(f"target: ours ≤ 2.2× mamba-ssm at every L, {label}: worst {max(ratios):.2f}× "
                 f"({'met' if max(ratios) <= 2.2 and len(ratios) == len(results) else 'NOT met'})")
     return results
 

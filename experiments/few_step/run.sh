@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Few-step generation (issue 14): one teacher, one AR judge, and every few-step family on one table —
+# Few-step generation: one teacher, one AR judge, and every few-step family on one table —
 # SDTT rounds 64 → 32 → 16 → 8 → 4, the CDLM student (trajectory distillation, block-causal, threshold
-# decoding with the exact cache), the seed's teacher-free regularizer=cdlm_consistency, the plain teacher,
+# decoding with the exact cache), the teacher-free regularizer=cdlm_consistency, the plain teacher,
 # and AR with its KV cache. Same data, teacher, judge, samples and seeds for all.
 #   bash experiments/few_step/run.sh            # CPU (≤ 90 min on 2 cores; finished runs are kept)
 #   SIZE=gpu bash experiments/few_step/run.sh   # the bigger config for one GPU
@@ -36,7 +36,7 @@ fi
 TEACHER=$OUT/teacher/checkpoints/last.ckpt
 
 # 2. the few-step families, each from the teacher with its own extra training (stated in the table):
-#    SDTT 4 rounds × DISTILL steps; CDLM DISTILL steps; the seed's regularizer DISTILL steps of fine-tuning;
+#    SDTT 4 rounds × DISTILL steps; CDLM DISTILL steps; regularizer=cdlm_consistency DISTILL steps of fine-tuning;
 #    the plain teacher fine-tuned DISTILL steps more (the control)
 STUDENT=(max_steps=$DISTILL lr=3e-4 warmup_steps=20
          "overrides=[\"callbacks.progress_bar=null\",\"trainer.val_check_interval=$DISTILL\",\"trainer.limit_val_batches=16\",\"trainer.log_every_n_steps=50\",\"num_samples=2\"]")

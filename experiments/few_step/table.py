@@ -4,7 +4,7 @@ One row per (model, sampler setting): steps, forward passes per sample, gen-PPL 
 unigram entropy and distinct-2, tokens/s (64-byte samples in batches of 64, every thread, one model at a
 time), held-out bits/byte; the judge's real-text line; each family's speedup against the teacher by
 diffuse.compare's rule (diffuse.evaluation.sweep.speedup: bar = the teacher's gen-PPL at 64 steps × 1.05);
-the issue's target (a student at ≤ 8 steps within 5 % of the teacher's gen-PPL at 64 and 0.1 bit of its
+the study's target (a student at ≤ 8 steps within 5 % of the teacher's gen-PPL at 64 and 0.1 bit of its
 entropy); and tokens/s against AR with its KV cache at AR's quality (gen-PPL ≤ AR's × 1.05).
 """
 
@@ -78,7 +78,7 @@ def main(root: Path, out: Path, length: int = 64) -> None:
         else:
             found.append(f"| {label} | never | | | — ({s['reason']}) | |")
 
-    # the issue's target: a student at ≤ 8 steps within 5 % gen-PPL and 0.1 bit entropy of the teacher at 64
+    # the study's target: a student at ≤ 8 steps within 5 % gen-PPL and 0.1 bit entropy of the teacher at 64
     t64 = next(p for p in teacher["sweep"] if p["steps"] == 64)
     target = ["", f"## Target: ≤ 8 steps, gen-PPL ≤ {t64['gen_ppl'] * (1 + TOLERANCE):.2f} (teacher at 64: "
               f"{t64['gen_ppl']:.2f}), entropy within 0.1 bit of {t64['entropy']:.3f}", ""]
