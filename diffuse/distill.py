@@ -24,9 +24,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import DiffuseError, one_line_errors
+from diffuse.evaluation.end_of_run import print_samples
 from diffuse.registry import DISTILLERS
 from diffuse.run.build import as_dict
 from diffuse.run.checkpoint import read_checkpoint, stored_config
+from diffuse.run.fit import train_in
 
 log = logging.getLogger("diffuse")
 
@@ -61,8 +63,6 @@ def student_config(teacher_cfg: dict, cfg: DictConfig, run_dir: Path, init_from:
 
 @one_line_errors
 def distill(cfg: DictConfig) -> list[dict]:
-    from diffuse.train import train_in
-
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     method = as_dict(cfg.method)
     distiller_cls = DISTILLERS.get(method.get("name", ""))
@@ -82,7 +82,7 @@ def distill(cfg: DictConfig) -> list[dict]:
             (run_dir / ".hydra").mkdir(exist_ok=True)
             OmegaConf.save(student, run_dir / ".hydra" / "config.yaml")
             log.info("round %d/%s: %s", r, "?" if plan.total is None else plan.total, plan.describe)
-            train_in(student, run_dir)
+            train_in(student, run_dir, report=print_samples)
         metrics = json.loads(done.read_text())
         summary.append({"round": r, "method": method["name"], "what": plan.describe,
                         "checkpoint": str(run_dir / "checkpoints" / "last.ckpt"), "steps": plan.steps,

@@ -20,6 +20,7 @@ from diffuse.errors import DiffuseError
 from diffuse.objectives.base import SpecialTokens
 from diffuse.registry import DISTILLERS, MODELS, OBJECTIVES, REGULARIZERS, SAMPLERS
 from diffuse.run.module import DiffusionLM
+from diffuse.run.optim import check_optim
 from diffuse.schedules import build_schedule
 
 log = logging.getLogger("diffuse")
@@ -102,32 +103,6 @@ def build_sampler(spec: dict | None, objective):
             f"{objective.registry_name} runs a {objective.process} process; use sampler={objective.default_sampler}"
         )
     return SAMPLERS.build(spec)
-
-
-# optim keys checked before the optimizer sees them (torch's own ValueError would surface at fit time as a
-# traceback); keys the chosen optimizer does not take are left to it
-OPTIM_RULES = {
-    "lr": (lambda v: v > 0, "> 0"),
-    "eps": (lambda v: v >= 0, "≥ 0"),
-    "weight_decay": (lambda v: v >= 0, "≥ 0"),
-    "warmup_steps": (lambda v: v >= 0 and float(v).is_integer(), "an integer ≥ 0"),
-    "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-}
-
-
-def check_optim(optim: dict) -> None:
-    """`optim.lr=-1` and friends: one line naming the key and value."""
-    def number(v):
-        return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-    for key, (ok, rule) in OPTIM_RULES.items():
-        value = optim.get(key)
-        if value is not None and not (number(value) and ok(value)):
-            raise DiffuseError(f"optim.{key}={value} must be {'a number ' if 'integer' not in rule else ''}{rule}")
-    betas = optim.get("betas")
-    if betas is not None and not (isinstance(betas, (list, tuple)) and len(betas) == 2
-                                  and all(number(b) and 0 <= b < 1 for b in betas)):
-        raise DiffuseError(f"optim.betas={betas} must be two numbers in [0, 1)")
 
 
 def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legacy: bool = False,

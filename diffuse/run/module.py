@@ -3,32 +3,16 @@ regularizers, and never asks which ones they are."""
 
 from __future__ import annotations
 
-import math
-
 import lightning as L
 import torch
-from hydra.utils import get_object, instantiate
 from torch import nn
 
 from diffuse.core.metrics import NELBO, CorruptionAccuracy
 from diffuse.core.noise import noise_generator, training_stream, validation_stream
 from diffuse.data.tokenizers import tokenizer_state
-from diffuse.registry import accepts_keyword
 from diffuse.run.callbacks.ema import resume_without_ema
 from diffuse.run.callbacks.guard import check_finite_checkpoint
-
-# optim keys that shape the learning-rate schedule; every other key (with `_target_`) builds the optimizer
-LR_SCHEDULE_KEYS = ("warmup_steps", "min_lr_ratio", "total_steps")
-
-
-def target_accepts(target: str, name: str) -> bool:
-    """Whether the class or function named `target` takes the keyword `name` (True when it cannot be
-    resolved: the error then comes from instantiate, naming the target)."""
-    try:
-        obj = get_object(str(target))
-    except Exception:
-        return True
-    return accepts_keyword(obj, name)
+from diffuse.run.optim import build_optimizer
 
 
 class DiffusionLM(L.LightningModule):
@@ -117,31 +101,7 @@ class DiffusionLM(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        o = dict(self.optim)
-        decay, no_decay = [], []
-        for name, p in self.named_parameters():
-            if p.requires_grad:
-                (decay if p.dim() >= 2 and "emb" not in name else no_decay).append(p)
-        spec = {k: v for k, v in o.items() if k not in LR_SCHEDULE_KEYS}
-        spec.setdefault("_target_", "torch.optim.AdamW")  # checkpoints written before optim._target_
-        if "betas" in spec:
-            spec["betas"] = tuple(spec["betas"])
-        if "fused" in spec and not target_accepts(spec["_target_"], "fused"):
-            spec.pop("fused")  # an optimizer without a fused kernel: diffuse.run.callbacks.guard skips its bad steps with a host sync
-        # the decay group takes the optimizer's weight_decay; norms, biases and embeddings take none
-        opt = instantiate(spec, [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], _convert_="all")
-        warmup, total = int(o.get("warmup_steps", 0)), int(o.get("total_steps") or 0)
-        min_ratio = float(o.get("min_lr_ratio", 0.1))
-
-        def lr_lambda(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            if total <= warmup:
-                return 1.0
-            progress = min(1.0, (step - warmup) / (total - warmup))
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+        opt, sched = build_optimizer(self.named_parameters(), self.optim)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     # -- checkpoints carry what is needed to rebuild the run --------------------------------------

@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import json
-import math
 import time
-from pathlib import Path
 
 import lightning as L
-
-from diffuse.core.io import write_text_atomic
 
 
 class Throughput(L.Callback):
@@ -19,7 +14,6 @@ class Throughput(L.Callback):
     processes the tokens are all ranks' (each reads a batch of the same shape), timed on this rank."""
 
     def __init__(self):
-        self.tokens = 0
         self.window_tokens = 0
         self.window_start = None
         self.run_start = None
@@ -61,23 +55,3 @@ class Throughput(L.Callback):
     def on_train_end(self, trainer, pl_module):
         if self.run_start is not None and self.run_tokens:
             self.average = self.run_tokens / max(time.perf_counter() - self.run_start, 1e-9)
-
-
-def flat_metrics(metrics: dict) -> dict:
-    """{name: float or None (non-finite)} of the values that are numbers."""
-    flat = {}
-    for k, v in metrics.items():
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            continue
-        flat[k] = v if math.isfinite(v) else None
-    return flat
-
-
-def write_metrics_json(path: str | Path, metrics: dict) -> dict:
-    """Flat {name: float}; written atomically (a temporary file of this process's own, then a rename).
-    The training entry point calls it on global rank 0 only."""
-    flat = flat_metrics(metrics)
-    write_text_atomic(path, json.dumps(flat, indent=2, sort_keys=True) + "\n")
-    return flat
