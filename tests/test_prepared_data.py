@@ -14,11 +14,12 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-import diffuse.data.datamodule as datamodule
 import diffuse.data.prepared as prepared
+import diffuse.data.rows as data_rows
 from conftest import call_main, write_corpus
 from diffuse.data.datamodule import ResumableRandomSampler, TextDataModule
 from diffuse.data.prepared import cache_key
+from diffuse.data.rows import RowMaker
 from diffuse.errors import DiffuseError
 from test_sft import completion_rows, write_jsonl
 
@@ -50,7 +51,7 @@ def messages(caplog):
 def test_prepared_rows_equal_the_in_memory_rows(tmp_path, corpus, monkeypatch, source, pack):
     # small chunks: rows are cut per chunk of documents, and both paths must cut them alike
     monkeypatch.setattr(prepared, "CHUNK", 64)
-    monkeypatch.setattr(datamodule, "CHUNK", 64)
+    monkeypatch.setattr(data_rows, "CHUNK", 64)
     path = corpus if source == "text" else write_jsonl(tmp_path / "c.jsonl", completion_rows(150))
     memory = module(path, tmp_path / "cache", source, pack=pack, prepared=False)
     mapped = module(path, tmp_path / "cache", source, pack=pack)
@@ -70,7 +71,7 @@ def test_a_second_setup_reuses_the_cache_without_tokenizing(tmp_path, corpus, mo
     def no_tokenizing(self, batch):
         raise AssertionError("the prepared rows should have been reused")
 
-    monkeypatch.setattr(TextDataModule, "encode", no_tokenizing)
+    monkeypatch.setattr(RowMaker, "encode", no_tokenizing)
     second = module(corpus, tmp_path)
     assert messages()[-2:] == [f"prepared data: reused {folder}", f"prepared data: reused {folder.parent / 'validation'}"]
     assert (folder / "meta.json").stat().st_mtime_ns == written
@@ -117,7 +118,7 @@ def test_a_half_written_temp_folder_is_not_used_and_a_killed_write_leaves_none(t
     other_host = root / ".train.elsewhere-1.tmp"  # another host's live write (a shared cache_dir) is left alone
     other_host.mkdir()
 
-    calls, encode = itertools.count(), TextDataModule.encode
+    calls, encode = itertools.count(), RowMaker.encode
 
     def killed_on_the_second_chunk(self, batch):
         if next(calls) == 1:
@@ -126,7 +127,7 @@ def test_a_half_written_temp_folder_is_not_used_and_a_killed_write_leaves_none(t
 
     monkeypatch.setattr(prepared, "CHUNK", 50)
     with monkeypatch.context() as m:
-        m.setattr(TextDataModule, "encode", killed_on_the_second_chunk)
+        m.setattr(RowMaker, "encode", killed_on_the_second_chunk)
         with pytest.raises(KeyboardInterrupt):
             dm.setup("fit")
     assert sorted(p.name for p in root.iterdir()) == [other_host.name]  # no half cache, no temp of ours
@@ -194,7 +195,7 @@ def test_a_prepared_run_reads_no_text_and_trains_no_tokenizer(tmp_path, corpus, 
         raise AssertionError("the text should not be read: its rows are prepared")
 
     monkeypatch.setattr(TextSource, "load", no_reading)
-    monkeypatch.setattr(TextDataModule, "encode", no_reading)
+    monkeypatch.setattr(RowMaker, "encode", no_reading)
     second = module(corpus, tmp_path, tokenizer="bpe")
     assert second.tokenizer.backend_tokenizer.to_str() == first.tokenizer.backend_tokenizer.to_str()
     assert_same_rows(second.splits["train"], first.splits["train"])

@@ -3,8 +3,8 @@
 Layout: `<cache_dir>/prepared/<key>/<split>/` holds one `<column>.npy` [rows, seq_len] per column
 (`input_ids` in uint16 when the vocabulary fits, else uint32; `segment_ids` and `prompt_mask` in the
 smallest unsigned type that fits) and `meta.json` (rows, seq_len, dtypes, vocabulary, the key's parts).
-The key hashes everything that shapes the rows (TextDataModule.cache_parts); change any of it and a new
-folder is written. A split is written into `.<split>.<host>-<pid>.tmp`, fsynced and renamed into place, so
+The key hashes everything that shapes the rows (RowMaker.cache_parts in diffuse/data/rows.py); change any of it
+and a new folder is written. A split is written into `.<split>.<host>-<pid>.tmp`, fsynced and renamed into place, so
 a killed preparation leaves no half cache (the next writer on that host removes its temp folder);
 `meta.json` inside the renamed folder is the marker the other ranks wait for. Documents are tokenized
 CHUNK at a time (in forked processes, data.num_proc) and appended to the files in order, so memory is bounded
