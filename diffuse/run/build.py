@@ -25,8 +25,8 @@ from diffuse.schedules import build_schedule
 
 log = logging.getLogger("diffuse")
 
-DATAMODULE_KEYS = ("seq_len", "batch_size", "eval_batch_size", "pack", "add_bos", "add_eos", "num_workers", "train_tokens",
-                   "prepared", "num_proc", "streaming", "stream_val_docs")
+# the `data.*` keys of the DataModule (conf/data/_datamodule.yaml): TextDataModule's keywords, read off its signature
+DATAMODULE_KEYS = TextDataModule.config_keys()
 
 
 def as_dict(cfg) -> dict:
@@ -36,7 +36,7 @@ def as_dict(cfg) -> dict:
 
 
 def build_datamodule(cfg, seed: int, cache_dir: str):
-    """`data.*` keys of the DataModule go to it; the rest (name, path, …) describe the text source."""
+    """`data.*` keys of the DataModule (DATAMODULE_KEYS) go to it; the rest (name, path, …) describe the text source."""
     data = as_dict(cfg.data)
     kwargs = {k: data.pop(k) for k in DATAMODULE_KEYS if k in data}
     return TextDataModule(source=data, tokenizer=as_dict(cfg.tokenizer), seed=seed, cache_dir=cache_dir, **kwargs)
