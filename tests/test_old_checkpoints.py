@@ -30,3 +30,20 @@ def test_old_checkpoint_samples_the_same_text(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     rows = [json.loads(line) for line in (tmp_path / "samples.jsonl").read_text().splitlines()]
     assert [r["text"] for r in rows] == EXPECTED["sample"]["texts"]
+
+
+def test_old_checkpoint_naming_a_sampler_that_never_fitted_loads_with_the_objectives_own(tmp_path, caplog):
+    """Checkpoints written before samplers were checked against the objective's process may name one that
+    never fitted (it was silently replaced then): it is replaced again, and said so."""
+    import torch
+
+    from diffuse.run.load import load_run
+
+    ckpt = torch.load(CKPT, weights_only=True)
+    ckpt["diffuse"]["config"]["sampler"] = {"name": "ddim", "steps": 8}  # ddim decodes gaussian processes
+    path = tmp_path / "odd_sampler.ckpt"
+    torch.save(ckpt, path)
+    with caplog.at_level("WARNING", logger="diffuse"):
+        _, _, module = load_run(str(path))
+    assert module.sampler.registry_name == "llada"
+    assert any("sampler=ddim" in r.getMessage() and "using sampler=llada" in r.getMessage() for r in caplog.records)
