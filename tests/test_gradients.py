@@ -1,4 +1,4 @@
-"""Gradient analysis (seed 001): t inside each corruption bucket, gradient norms without touching the
+"""Gradient analysis (callbacks=analysis): t inside each corruption bucket, gradient norms without touching the
 optimizer, a training run identical with and without it, and the heatmap drawn from its metrics.csv."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ import torch
 
 from conftest import SPECIAL, VOCAB, error_lines, tiny_transformer
 from diffuse.run.callbacks.gradients import bucket_gradient_norms, bucket_t_ranges, supports, t_for_level
-from diffuse.analysis.heatmap import main as heatmap_main
 from diffuse.core.metrics import BUCKETS
 from diffuse.registry import OBJECTIVES
+from diffuse.report import main as report_main
 from diffuse.schedules import build_schedule
 from evaluation_runs import BASE, train, tiny_run
 
@@ -79,19 +79,17 @@ def test_analysis_run_logs_bucket_norms_trains_identically_and_draws_a_heatmap(t
     same = json.loads((plain / "metrics.json").read_text())["val/nelbo"]
     assert json.loads((run / "metrics.json").read_text())["val/nelbo"] == pytest.approx(same, rel=1e-6)
 
-    heatmap_main([str(run), "--out", str(tmp_path / "h.png")])
-    assert (tmp_path / "h.png").read_bytes()[:4] == b"\x89PNG"
-    heatmap_main([str(run)])
+    report_main(["--heatmap", str(run), "--out", str(tmp_path / "h")])
+    assert (tmp_path / "h" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
+    report_main(["--heatmap", str(run)])
     assert (run / "heatmap.png").is_file()
-    from diffuse.report import main as report_main
-
-    report_main(["--heatmap", str(run), "--out", str(tmp_path / "report")])  # the same, through diffuse.report
+    report_main(["--heatmap", str(run), "--out", str(tmp_path / "report")])
     assert (tmp_path / "report" / "heatmap.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_heatmap_of_a_run_without_the_analysis_is_a_one_line_error(capsys):
     with pytest.raises(SystemExit) as exit_:
-        heatmap_main([str(tiny_run("masked_discrete"))])
+        report_main(["--heatmap", str(tiny_run("masked_discrete"))])
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert len(error_lines(err)) == 1 and "callbacks=analysis" in err

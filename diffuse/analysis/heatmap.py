@@ -1,19 +1,18 @@
-"""`python -m diffuse.analysis.heatmap RUN_DIR [--out FILE]` — corruption level × training step heatmaps
-from a run's metrics.csv (no wandb needed): the gradient norms by bucket (`grad/norm_{bucket}`, from
-callbacks=analysis) and, when the run logged them, validation accuracy by bucket (`val/accuracy_{bucket}`).
-Writes RUN_DIR/heatmap.png by default.
+"""Corruption level × training step heatmaps from a run's metrics.csv (no wandb needed): the gradient norms
+by bucket (`grad/norm_{bucket}`, from callbacks=analysis) and, when the run logged them, validation accuracy
+by bucket (`val/accuracy_{bucket}`). Drawn by `python -m diffuse.report --heatmap RUN_DIR [--out DIR]`;
+writes RUN_DIR/heatmap.png by default.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 from pathlib import Path
 
 from diffuse.analysis import metrics_csv
 from diffuse.core.metrics import BUCKETS
-from diffuse.errors import DiffuseError, one_line_errors
+from diffuse.errors import DiffuseError
 
 PANELS = (("grad/norm", "gradient norm (log10)", True), ("grad/loss", "loss", False),
           ("val/accuracy", "validation accuracy", False))
@@ -66,21 +65,3 @@ def draw_heatmap(run_dir: str | Path, out: str | Path | None = None) -> Path:
     plt.close(fig)
     return out
 
-
-@one_line_errors
-def run(argv: list[str] | None = None) -> Path:
-    parser = argparse.ArgumentParser(prog="python -m diffuse.analysis.heatmap", description=__doc__.split("\n")[0])
-    parser.add_argument("run_dir", help="a run directory (or its metrics.csv)")
-    parser.add_argument("--out", default=None, help="PNG path (default: RUN_DIR/heatmap.png)")
-    args = parser.parse_args(argv)
-    out = draw_heatmap(args.run_dir, args.out)
-    print(f"heatmap written to {out}")
-    return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    run(argv)
-
-
-if __name__ == "__main__":
-    main()
