@@ -69,20 +69,10 @@ class Objective(Protocol):
         ...
 
 
-# The noising hooks, listed once: what the consistency regularizer, the gradient analysis and the
-# samplers of a noising process use. An objective with a noise process gives all of them.
-NOISING_HOOKS = ("sample_t", "draw_noise", "corrupt", "predict", "still_noisy", "noise_level", "distance")
-
-
 @runtime_checkable
-class NoisingObjective(Objective, Protocol):
-    eps: float  # the smallest t
-
-    def loss(self, backbone: Backbone, batch: Batch, generator: torch.Generator | None = None,
-             train: bool = True, t_range: tuple[float, float] | None = None) -> Any:
-        """As Objective.loss; `t_range` is handed to `sample_t` (the gradient analysis probes one
-        corruption level at a time through it)."""
-        ...
+class NoiseProcess(Protocol):
+    """The noising hooks, declared once: what the consistency regularizer, the gradient analysis, the
+    distillers and the samplers of a noising process use. An objective with a noise process gives all of them."""
 
     def sample_t(self, x0: torch.Tensor, generator: torch.Generator | None = None, train: bool = True,
                  t_range: tuple[float, float] | None = None) -> torch.Tensor:
@@ -106,6 +96,124 @@ class NoisingObjective(Objective, Protocol):
         ...
 
     def distance(self, pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> torch.Tensor: ...
+
+
+# the noising hooks by name, in the order the messages list them
+NOISING_HOOKS = ("sample_t", "draw_noise", "corrupt", "predict", "still_noisy", "noise_level", "distance")
+
+
+@runtime_checkable
+class NoisingObjective(Objective, NoiseProcess, Protocol):
+    eps: float  # the smallest t
+
+    def loss(self, backbone: Backbone, batch: Batch, generator: torch.Generator | None = None,
+             train: bool = True, t_range: tuple[float, float] | None = None) -> Any:
+        """As Objective.loss; `t_range` is handed to `sample_t` (the gradient analysis probes one
+        corruption level at a time through it)."""
+        ...
+
+
+# -- capabilities: what a sampler, a distiller or a regularizer needs beyond the contracts above. A sampler
+# lists the ones it needs from the objective in `requires`, and build_sampler checks them (one line).
+@runtime_checkable
+class Absorbing(NoisingObjective, Protocol):
+    """The absorbing-state ("masked") family (objectives/absorbing.py): [MASK] jumps with probability p(t)."""
+
+    def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
+        """p(t), increasing in t."""
+        ...
+
+    def t_for_mask_prob(self, p: float) -> float:
+        """The inverse of p(t)."""
+        ...
+
+    def log_probs(self, logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """The network's logits at the positions of z → log p(x0 | z) (SUBS), [..., V]."""
+        ...
+
+
+@runtime_checkable
+class Blockwise(Protocol):
+    """An objective that may train block diffusion (BD3LM): `block_size` b, None for the full-sequence model."""
+
+    block_size: int | None
+
+
+@runtime_checkable
+class TimeGrid(Protocol):
+    """An objective on a grid of T discrete times t = k/T (the consistency regularizer steps on it)."""
+
+    num_timesteps: int
+
+
+@runtime_checkable
+class CleanData(Protocol):
+    """An objective that corrupts something other than the token ids (continuous: the embeddings)."""
+
+    def clean(self, backbone: Backbone, batch: Batch) -> Any:
+        """The clean x0 that `corrupt` takes."""
+        ...
+
+
+@runtime_checkable
+class Gaussian(NoisingObjective, TimeGrid, Protocol):
+    """Gaussian noise on embeddings (objectives/continuous.py): what DDIM steps with."""
+
+    def embedding_table(self, backbone: Backbone) -> torch.Tensor:
+        """[V, D]: every token's clean x0."""
+        ...
+
+    def round_logits(self, backbone: Backbone, x0_hat: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [..., V] of the token nearest to x̂0."""
+        ...
+
+    def alpha_bar(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ(t) (float64)."""
+        ...
+
+    def noised(self, x: torch.Tensor, noisy: torch.Tensor) -> Any:
+        """The corrupted state z of embeddings x with their noisy positions (what `predict` takes)."""
+        ...
+
+
+@runtime_checkable
+class ChecksBackbone(Protocol):
+    """An objective that needs more of the backbone than `Backbone` (block diffusion: a block layout)."""
+
+    def check_backbone(self, backbone: Backbone, model_name: str) -> None:
+        """A one-line DiffuseError when `backbone` cannot serve the objective as configured."""
+        ...
+
+
+@runtime_checkable
+class Cached(Protocol):
+    """A backbone that decodes through a cache: a KV cache (transformer) or a recurrent state (mamba2)."""
+
+    def new_cache(self, max_length: int) -> Any:
+        """An empty cache for up to `max_length` positions, handed back as `backbone(..., cache=cache)`."""
+        ...
+
+
+@runtime_checkable
+class Seekable(Protocol):
+    """A cache that can revisit positions (a KV cache; a recurrent state cannot)."""
+
+    length: int  # positions filled
+
+    def seek(self, pos: int) -> None:
+        """The next call writes at pos ≤ length."""
+        ...
+
+    def truncate(self, n: int) -> None:
+        """Forget every position ≥ n."""
+        ...
+
+
+@runtime_checkable
+class TakesBlockLayout(Protocol):
+    """A backbone that says whether it takes a `layout=` (models/layers.py BlockLayout): block diffusion."""
+
+    supports_block_layout: bool
 
 
 @runtime_checkable
@@ -135,6 +243,7 @@ class Sampler(Protocol):
     """A strategy over an objective's reverse process."""
 
     processes: tuple[str, ...]  # the objective processes it fits
+    requires: tuple[type, ...]  # the capabilities (Protocols above) it needs of the objective
 
     def generate(self, backbone: Backbone, objective: Objective, prompts: list[list[int]], length: int,
                  seed: int = 0) -> Any:
@@ -184,9 +293,31 @@ def check_contract(obj: Any, protocol: type, what: str) -> None:
 def is_autoregressive(objective: Objective) -> bool:
     """Exact left-to-right likelihood and one step per token (not the same as `causal`: a block-causal
     diffusion model attends causally across blocks and still has a noise process)."""
-    return getattr(objective, "process", None) == AUTOREGRESSIVE
+    return objective.process == AUTOREGRESSIVE
 
 
 def has_noise_process(objective: Objective) -> bool:
     """Whether the objective gives every noising hook (the autoregressive objective does not)."""
-    return all(hasattr(objective, hook) for hook in NOISING_HOOKS)
+    return isinstance(objective, NoiseProcess)
+
+
+def missing_hooks(objective: Any) -> list[str]:
+    """The noising hooks `objective` lacks, in NOISING_HOOKS order."""
+    missing = set(missing_members(objective, NoiseProcess))
+    return [h for h in NOISING_HOOKS if h in missing]
+
+
+def block_size_of(objective: Any) -> int | None:
+    """The objective's block size: None for a full-sequence model and for objectives that are not Blockwise."""
+    return objective.block_size if isinstance(objective, Blockwise) else None
+
+
+def new_cache(backbone: Any, max_length: int) -> Any:
+    """A fresh cache of a Cached backbone; None for a backbone without one (it re-runs its prefix)."""
+    return backbone.new_cache(max_length=max_length) if isinstance(backbone, Cached) else None
+
+
+def component_name(component: Any) -> str:
+    """The name a component is registered under (the registry sets `registry_name` on its class), else its
+    class name (a test stub, an object built by hand)."""
+    return getattr(type(component), "registry_name", type(component).__name__)

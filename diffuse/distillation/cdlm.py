@@ -28,6 +28,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from diffuse.contracts import Absorbing, block_size_of, check_contract
 from diffuse.core.noise import batch_draw
 from diffuse.distillation import trajectories as traj
 from diffuse.distillation.plan import Round
@@ -53,9 +54,10 @@ class CDLM(nn.Module):
     def __init__(self, objective, trajectories: str, block_size: int, teacher: str | None = None,
                  distill_weight: float = 1.0, consistency_weight: float = 1.0, dlm_weight: float = 1.0):
         super().__init__()
-        if getattr(objective, "block_size", None) != block_size:
+        if block_size_of(objective) != block_size:
             raise DiffuseError(f"method=cdlm trains a block-causal student: objective.block_size="
-                               f"{getattr(objective, 'block_size', None)} must equal method.block_size={block_size}")
+                               f"{block_size_of(objective)} must equal method.block_size={block_size}")
+        check_contract(objective, Absorbing, "method=cdlm's objective")
         for key, w in (("distill_weight", distill_weight), ("consistency_weight", consistency_weight),
                        ("dlm_weight", dlm_weight)):
             if not w >= 0:
@@ -65,7 +67,7 @@ class CDLM(nn.Module):
             raise DiffuseError(f"method.trajectories={trajectories} was recorded with blocks of {data['block_size']}, "
                                f"not method.block_size={block_size}")
         self.data = {k: v for k, v in data.items()}  # plain tensors, not buffers: not in the student's checkpoint
-        self.block_size, self.teacher = block_size, teacher
+        self.block_size = block_size  # `teacher` (the checkpoint the trajectories came from) names it in the run config only
         self.weights = (float(distill_weight), float(consistency_weight), float(dlm_weight))
         self.global_step = 0
         # t of a block with m of its b positions masked (an untimed backbone ignores it)

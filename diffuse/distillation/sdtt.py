@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from diffuse.contracts import Absorbing
 from diffuse.core.noise import batch_draw
 from diffuse.distillation.divergences import pick_divergence
 from diffuse.distillation.plan import Round, previous_student
@@ -29,6 +30,7 @@ from diffuse.errors import DiffuseError
 from diffuse.objectives.base import LossOutput
 from diffuse.registry import DISTILLERS
 from diffuse.run.frozen import Frozen
+from diffuse.sampling.base import gumbel_max
 
 
 @DISTILLERS.register("sdtt")
@@ -36,7 +38,7 @@ class SDTT(nn.Module):
     def __init__(self, objective, teacher: str | nn.Module, student_steps: int, k: int = 2,
                  divergence: str = "kl", teacher_temperature: float = 1.0):
         super().__init__()
-        if not hasattr(objective, "mask_prob"):
+        if not isinstance(objective, Absorbing):
             raise DiffuseError(f"method=sdtt distils absorbing (masked) objectives, not objective="
                                f"{objective.registry_name}")
         self.eps = float(objective.eps)  # the end of the time grid, as for the samplers
@@ -79,9 +81,7 @@ class SDTT(nn.Module):
             p_t, p_s = objective.mask_prob(tau), objective.mask_prob(nxt)
             p_reveal = torch.where(at + 1 == last, 1.0, (p_t - p_s) / p_t.clamp_min(1e-12)).float()[:, None]
             reveal = masked & (batch_draw(torch.rand, z.shape, generator, device=z.device) < p_reveal)
-            gumbel = -torch.log(-torch.log(batch_draw(torch.rand, logp.shape, generator, device=z.device)
-                                           .clamp_(1e-20, 1.0)))
-            proposal = (logp + gumbel).argmax(-1)
+            proposal = gumbel_max(logp, batch_draw(torch.rand, logp.shape, generator, device=z.device))
             # a revealed position keeps the distribution its token was drawn from; the still-masked ones
             # take each later prediction, so they end with the teacher's last one
             target = logp if target is None else torch.where(masked[..., None], logp, target)

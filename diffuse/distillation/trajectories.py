@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 
+from diffuse.contracts import block_size_of
 from diffuse.errors import DiffuseError
 from diffuse.evaluation.progress import ProgressBar
 from diffuse.run.checkpoint import AtomicCheckpointIO, safe_load
@@ -35,7 +36,7 @@ def record(module, prompts: list[list[int]], gen_length: int, block_size: int, t
     """Trajectories of `module` (a DiffusionLM, full-sequence absorbing objective) from `prompts` (one per
     trajectory, all of one length): a dict of tensors (see the module docstring)."""
     objective, backbone = module.objective, module.backbone
-    if getattr(objective, "block_size", None) is not None:
+    if block_size_of(objective) is not None:
         raise DiffuseError("method=cdlm records trajectories with a full-sequence teacher; this teacher has "
                            f"objective.block_size={objective.block_size} (use its full-sequence parent)")
     if gen_length % block_size:

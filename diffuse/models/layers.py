@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffuse.errors import DiffuseError
+
 
 class SwiGLU(nn.Module):
     def __init__(self, d_model: int, hidden: int):
@@ -61,6 +63,16 @@ class TimestepEmbedding(nn.Module):
             t = t[:, None]
         args = 1000.0 * t.float()[..., None] * self.freqs
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
+
+
+def add_time(x: torch.Tensor, time_emb: TimestepEmbedding | None, t: torch.Tensor | None) -> torch.Tensor:
+    """The input of a backbone: token embeddings x plus the embedding of t when the model is time-conditioned
+    (`time_emb` set, `model.time_conditioning=true`); x unchanged otherwise (t is then ignored)."""
+    if time_emb is None:
+        return x
+    if t is None:
+        raise DiffuseError("this model has model.time_conditioning=true but the objective passes no t")
+    return x + time_emb(t).to(x.dtype)
 
 
 def attention_mask(

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffuse.errors import DiffuseError
-from diffuse.models.layers import TimestepEmbedding
+from diffuse.models.layers import TimestepEmbedding, add_time
 from diffuse.models.ssd import reverse_within_runs, segment_runs, ssd_scan
 from diffuse.registry import MODELS
 
@@ -189,6 +189,8 @@ class Mamba2Cache:
 
 @MODELS.register("mamba2")
 class Mamba2(nn.Module):
+    supports_block_layout = False  # a bidirectional scan has no block-causal form here: refuses objective.block_size
+
     def __init__(
         self,
         vocab_size: int,
@@ -262,10 +264,7 @@ class Mamba2(nn.Module):
     def forward(self, ids=None, embeds=None, t=None, segment_ids=None, causal=False, cache: Mamba2Cache | None = None):
         """Hidden states [B, L, D] after the final norm. Give `ids` or `embeds` (continuous inputs)."""
         x = self.embed(ids) if embeds is None else embeds
-        if self.time_emb is not None:
-            if t is None:
-                raise DiffuseError("this model has model.time_conditioning=true but the objective passes no t")
-            x = x + self.time_emb(t).to(x.dtype)
+        x = add_time(x, self.time_emb, t)
         if cache is not None:
             return self._forward_cached(x, segment_ids, causal, cache)
         runs = None if segment_ids is None else segment_runs(segment_ids)

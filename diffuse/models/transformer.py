@@ -19,6 +19,7 @@ from diffuse.models.layers import (
     RotaryEmbedding,
     SwiGLU,
     TimestepEmbedding,
+    add_time,
     apply_rotary,
     attention_mask,
     flex_block_mask,
@@ -211,10 +212,7 @@ class Transformer(nn.Module):
         `layout`: block diffusion's attention pattern and positions (models/layers.py BlockLayout).
         """
         x = self.embed(ids) if embeds is None else embeds
-        if self.time_emb is not None:
-            if t is None:
-                raise DiffuseError("this model has model.time_conditioning=true but the objective passes no t")
-            x = x + self.time_emb(t).to(x.dtype)
+        x = add_time(x, self.time_emb, t)
         B, L, _ = x.shape
         if layout is not None and (cache is not None or causal):
             raise DiffuseError("a block layout brings its own attention pattern: no cache, no causal flag")

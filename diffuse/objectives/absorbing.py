@@ -28,19 +28,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffuse.contracts import ABSORBING, BLOCK_ABSORBING
+from diffuse.contracts import ABSORBING, BLOCK_ABSORBING, TakesBlockLayout
 from diffuse.core.noise import batch_draw
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout
-from diffuse.objectives.base import LossOutput, SpecialTokens, antithetic_uniform
+from diffuse.objectives.base import LossOutput, SpecialTokens, antithetic_uniform, noisable_positions
 from diffuse.objectives.losses import selected_cross_entropy
 from diffuse.schedules import Schedule
 
 
 class AbsorbingObjective(nn.Module):
-    process = ABSORBING
     causal = False
-    default_sampler = "remask"
+    # the sampler of the full-sequence model; a block diffusion model (`block_size` set) decodes with `block`
+    full_sequence_sampler = "remask"
 
     def __init__(self, schedule: Schedule, special: SpecialTokens, eps: float = 1e-3,
                  min_mask_ratio: float = 0.0, max_mask_ratio: float = 1.0, block_size: int | None = None):
@@ -50,8 +50,6 @@ class AbsorbingObjective(nn.Module):
             raise DiffuseError(f"objective.block_size={block_size} must be a positive integer (or null: "
                                "the full-sequence model)")
         self.block_size = block_size
-        if block_size is not None:  # decoded block by block with an exact cache, by block samplers only
-            self.process, self.default_sampler = BLOCK_ABSORBING, "block"
         if not 0.0 <= min_mask_ratio < max_mask_ratio <= 1.0:
             raise DiffuseError(
                 f"objective.min_mask_ratio={min_mask_ratio} and max_mask_ratio={max_mask_ratio} "
@@ -63,6 +61,15 @@ class AbsorbingObjective(nn.Module):
         self.min_mask_ratio, self.max_mask_ratio = min_mask_ratio, max_mask_ratio
         self.global_step = 0
 
+    @property
+    def process(self) -> str:
+        """Block diffusion is decoded block by block with an exact cache, by block samplers only."""
+        return ABSORBING if self.block_size is None else BLOCK_ABSORBING
+
+    @property
+    def default_sampler(self) -> str:
+        return self.full_sequence_sampler if self.block_size is None else "block"
+
     # -- hooks a variant changes --------------------------------------------------------------------
     def mask_prob(self, t: torch.Tensor) -> torch.Tensor:
         """p(t) = 1 − α(t)."""
@@ -73,7 +80,7 @@ class AbsorbingObjective(nn.Module):
 
     def maskable(self, batch) -> torch.Tensor:
         """Real tokens other than BOS (given, as for the AR model, so both predict the same tokens)."""
-        return (batch["segment_ids"] > 0) & (batch["input_ids"] != self.special.bos)
+        return noisable_positions(batch, (self.special.bos,), prompt_given=False)
 
     def t_tail(self, x0: torch.Tensor, train: bool) -> tuple[int, ...]:
         return (1,)
@@ -110,7 +117,7 @@ class AbsorbingObjective(nn.Module):
 
     def check_backbone(self, backbone, model_name: str) -> None:
         """Block diffusion needs a backbone that takes a BlockLayout (the transformer does)."""
-        if self.block_size is not None and not getattr(backbone, "supports_block_layout", False):
+        if self.block_size is not None and not (isinstance(backbone, TakesBlockLayout) and backbone.supports_block_layout):
             raise DiffuseError(
                 f"model={model_name} cannot train objective.block_size={self.block_size}: block diffusion needs "
                 "block-causal attention over [x_t ; x_0], which this backbone does not take (a bidirectional "

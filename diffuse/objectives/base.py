@@ -52,6 +52,22 @@ def antithetic_uniform(n: int, device, generator=None, shape_tail: tuple = ()) -
     return (u0 + strata) % 1.0
 
 
+def noisable_positions(batch, given: tuple[int | None, ...], prompt_given: bool = True) -> torch.Tensor:
+    """[B, L] bool: the positions a noise process may corrupt, i.e. real tokens (segment > 0) other than the
+    `given` token ids (BOS, for every objective; LLaDA adds PAD and EOS) and, with `prompt_given`, other than
+    the prompt (`batch["prompt_mask"]`, SFT). The others are always given, never predicted."""
+    ids = batch["input_ids"]
+    given = [g for g in given if g is not None]
+    out = batch["segment_ids"] > 0
+    if len(given) == 1:
+        out = out & (ids != given[0])
+    elif given:
+        out = out & ~torch.isin(ids, torch.tensor(given, device=ids.device))
+    if prompt_given and batch.get("prompt_mask") is not None:
+        out &= ~batch["prompt_mask"].bool()
+    return out
+
+
 def predicted_token_stats(logits: torch.Tensor, targets: torch.Tensor, where: torch.Tensor):
     """Correctness and confidence (max probability) of the argmax at the `where` positions."""
     with torch.no_grad():

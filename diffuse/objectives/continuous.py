@@ -37,6 +37,7 @@ from diffuse.objectives.base import (
     LossOutput,
     SpecialTokens,
     antithetic_uniform,
+    noisable_positions,
     predicted_token_stats,
 )
 from diffuse.registry import OBJECTIVES
@@ -105,10 +106,7 @@ class ContinuousEmbedding(nn.Module):
 
     def noisable(self, batch) -> torch.Tensor:
         """Real tokens other than BOS and the prompt (given, as in the masked objectives)."""
-        out = (batch["segment_ids"] > 0) & (batch["input_ids"] != self.special.bos)
-        if batch.get("prompt_mask") is not None:
-            out &= ~batch["prompt_mask"].bool()
-        return out
+        return noisable_positions(batch, (self.special.bos,))
 
     def sample_t(self, x0: torch.Tensor, generator=None, train: bool = True, k_min: int = 1,
                  t_range: tuple[float, float] | None = None) -> torch.Tensor:
@@ -148,7 +146,7 @@ class ContinuousEmbedding(nn.Module):
     # -- the network's prediction -----------------------------------------------------------------
     def predict(self, backbone, z: NoisyEmbeddings, t, batch) -> torch.Tensor:
         """x̂0 [B, L, D]; clean positions copy their input (as SUBS copies unmasked tokens)."""
-        if not getattr(backbone, "time_conditioned", False):
+        if not backbone.time_conditioned:
             raise DiffuseError("objective=continuous needs a time-conditioned backbone: set model.time_conditioning=true")
         a = self.alpha_bar(t)[..., None]
         c_in = torch.rsqrt(a * self.scale**2 + 1.0 - a).to(z.x.dtype)

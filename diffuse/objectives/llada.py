@@ -21,14 +21,14 @@ import torch
 
 from diffuse.errors import DiffuseError
 from diffuse.objectives.absorbing import AbsorbingObjective
-from diffuse.objectives.base import SpecialTokens
+from diffuse.objectives.base import SpecialTokens, noisable_positions
 from diffuse.registry import OBJECTIVES
 from diffuse.schedules import Schedule, build_schedule
 
 
 @OBJECTIVES.register("llada")
 class LLaDA(AbsorbingObjective):
-    default_sampler = "llada"
+    full_sequence_sampler = "llada"
 
     def __init__(self, special: SpecialTokens, schedule: Schedule | None = None, eps: float = 1e-3,
                  min_mask_ratio: float = 0.0, max_mask_ratio: float = 1.0, importance_weighting: bool = True,
@@ -51,13 +51,9 @@ class LLaDA(AbsorbingObjective):
         return float(self.schedule.t_for_alpha(torch.tensor(alpha, dtype=torch.float64)))
 
     def maskable(self, batch) -> torch.Tensor:
-        ids = batch["input_ids"]
-        special = [self.special.bos, self.special.pad] + ([] if self.mask_eos else [self.special.eos])
-        special = torch.tensor([s for s in special if s is not None], device=ids.device)
-        out = (batch["segment_ids"] > 0) & ~torch.isin(ids, special)
-        if batch.get("prompt_mask") is not None:
-            out &= ~batch["prompt_mask"].bool()
-        return out
+        """Real tokens other than BOS, PAD, EOS (unless `mask_eos`) and the prompt."""
+        given = (self.special.bos, self.special.pad) + (() if self.mask_eos else (self.special.eos,))
+        return noisable_positions(batch, given)
 
     def t_from_uniform(self, u: torch.Tensor, train: bool) -> torch.Tensor:
         """t ∈ [0, 1]; in training clamped so that p(t) ∈ [min_mask_ratio, max_mask_ratio] (p is monotone

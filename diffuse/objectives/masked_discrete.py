@@ -19,7 +19,7 @@ from diffuse.schedules import Schedule
 
 @OBJECTIVES.register("masked_discrete")
 class MaskedDiscrete(AbsorbingObjective):
-    default_sampler = "ancestral"  # MDLM's own reverse process; confidence remasking repeats itself on small models
+    full_sequence_sampler = "ancestral"  # MDLM's own reverse process; confidence remasking repeats itself on small models
 
     def __init__(
         self,

@@ -8,10 +8,10 @@ distributions, MSE for x̂0) on the positions still noisy at t_late, weighted by
 
     loss_c = Σ_ℓ noise_level(t_late)·distance_ℓ·1[still noisy at t_late] / #real tokens,   total += λ·loss_c.
 
-Hooks used: the noising hooks of diffuse/contracts.py (NOISING_HOOKS), and optionally
-`clean(backbone, batch)` — the clean data in the space the objective corrupts (default: the token ids;
-continuous diffusion gives its embeddings). The objective's `num_timesteps` (when it has one) is the T
-grid, else this regularizer's `num_timesteps`.
+Hooks used: the noising hooks of diffuse/contracts.py (NoiseProcess), and two capabilities declared
+there: `CleanData.clean(backbone, batch)` — the clean data in the space the objective corrupts (without it:
+the token ids; continuous diffusion gives its embeddings) — and `TimeGrid.num_timesteps`, the T grid (without
+it: this regularizer's `num_timesteps`).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from diffuse.contracts import NOISING_HOOKS
+from diffuse.contracts import CleanData, NoisingObjective, TimeGrid, component_name, missing_hooks
 from diffuse.core.noise import batch_draw
 from diffuse.errors import DiffuseError
 from diffuse.registry import REGULARIZERS
@@ -58,28 +58,27 @@ class CDLMConsistency(nn.Module):
             raise DiffuseError(f"regularizer.delta_max={self.delta_max} must be below the T={T} steps of {source}")
 
     def grid(self, objective) -> int:
-        T = getattr(objective, "num_timesteps", None)
-        if T is None:
+        if not isinstance(objective, TimeGrid):
             return self.num_timesteps
+        T = objective.num_timesteps
         self._check_grid(int(T), "objective.num_timesteps")
         return int(T)
 
     def coupled_pair(self, objective, backbone, batch, generator=None) -> tuple[object, CoupledPair]:
         """Clean data x0 and its two corruptions at t_early > t_late under one shared noise draw."""
-        missing = [h for h in NOISING_HOOKS if not hasattr(objective, h)]
+        missing = missing_hooks(objective)
         if missing:
             raise DiffuseError(
                 f"regularizer=cdlm_consistency needs objective hooks {', '.join(missing)}, which objective="
-                f"{getattr(objective, 'registry_name', type(objective).__name__)} does not have"
+                f"{component_name(objective)} does not have"
             )
         T = self.grid(objective)
-        clean = getattr(objective, "clean", None)
-        x0 = clean(backbone, batch) if clean is not None else batch["input_ids"]
+        x0 = objective.clean(backbone, batch) if isinstance(objective, CleanData) else batch["input_ids"]
         ids = batch["input_ids"]
         t_early = objective.sample_t(ids, generator, train=True)
         delta = batch_draw(partial(torch.randint, self.delta_min, self.delta_max + 1), (ids.shape[0], 1), generator,
                            device=ids.device)
-        eps = float(getattr(objective, "eps", 1.0 / T))
+        eps = float(objective.eps if isinstance(objective, NoisingObjective) else 1.0 / T)
         t_late = (t_early - delta.to(t_early.dtype) / T).clamp_min(eps)
         noise = objective.draw_noise(x0, generator)
         z_early = objective.corrupt(x0, t_early, noise, batch)

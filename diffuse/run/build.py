@@ -9,6 +9,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from diffuse.contracts import (
     Backbone,
+    ChecksBackbone,
     Distiller,
     Objective,
     Regularizer,
@@ -92,7 +93,8 @@ def sampler_fits(sampler_cls, objective) -> bool:
 
 def build_sampler(spec: dict | None, objective):
     """The configured sampler, or the objective's own (`default_sampler`) when the config names none.
-    A sampler whose reverse process is not the objective's is refused in one line."""
+    A sampler whose reverse process is not the objective's, or that needs a capability of the objective
+    (`requires`: Protocols of diffuse/contracts.py) the objective lacks, is refused in one line."""
     spec = dict(spec or {})
     spec.setdefault("name", objective.default_sampler)
     cls = SAMPLERS.get(spec["name"])
@@ -102,6 +104,8 @@ def build_sampler(spec: dict | None, objective):
             f"sampler={spec['name']} decodes {'/'.join(cls.processes)} processes, but objective="
             f"{objective.registry_name} runs a {objective.process} process; use sampler={objective.default_sampler}"
         )
+    for capability in cls.requires:  # what the sampler calls beyond the Objective contract
+        check_contract(objective, capability, f"sampler={spec['name']}'s objective={objective.registry_name}")
     return SAMPLERS.build(spec)
 
 
@@ -112,7 +116,7 @@ def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legac
     `inference`: for sampling and evaluation, without what only training needs (a distillation teacher)."""
     backbone = build_model(cfg, tokenizer)
     objective = build_objective(cfg, tokenizer)
-    if hasattr(objective, "check_backbone"):  # an objective that needs more of the backbone says so in one line
+    if isinstance(objective, ChecksBackbone):  # an objective that needs more of the backbone says so in one line
         objective.check_backbone(backbone, as_dict(cfg.model).get("name"))
     sampler_cfg = as_dict(cfg.get("sampler"))
     if legacy and sampler_cfg.get("name") and not sampler_fits(SAMPLERS.get(sampler_cfg["name"]), objective):

@@ -49,7 +49,7 @@ from collections.abc import Callable
 
 import torch
 
-from diffuse.contracts import ABSORBING
+from diffuse.contracts import ABSORBING, NoisingObjective
 from diffuse.errors import DiffuseError
 from diffuse.sampling.base import (
     RowCost,
@@ -62,7 +62,7 @@ from diffuse.sampling.base import (
     trim_at_eos,
     truncate,
 )
-from diffuse.sampling.canvas_cache import check_cache, make_canvas, take_span  # noqa: F401 (take_span: re-exported)
+from diffuse.sampling.canvas_cache import check_cache, make_canvas
 from diffuse.schedules import Schedule, build_schedule
 
 REMASKING = ("low_confidence", "random")
@@ -134,6 +134,7 @@ class AbsorbingSampler:
     """The decode loop of the module docstring; a registered sampler chooses its rule and options."""
 
     processes = (ABSORBING,)
+    requires = (NoisingObjective,)  # `predict` on the canvas
 
     def __init__(self, rule, *, steps: int, schedule, temperature: float, eps: float,
                  block_length: int | None = None, cfg_scale: float = 0.0, cache: str | None = None,
@@ -167,7 +168,7 @@ class AbsorbingSampler:
         device = next(backbone.parameters()).device
         canvas = make_canvas(self.cache, backbone, objective, prompts, length, self.cfg_scale)
         gens = row_generators(seed, len(prompts), device)
-        reusable = not getattr(backbone, "time_conditioned", False)
+        reusable = not backbone.time_conditioned
         nfe, logp, cost = 0, None, RowCost(len(prompts), reusable, device)
 
         x = torch.full((len(prompts), length), special.mask, dtype=torch.long, device=device)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.contracts import AUTOREGRESSIVE
+from diffuse.contracts import AUTOREGRESSIVE, new_cache
 from diffuse.registry import SAMPLERS
 from diffuse.sampling.base import (
     SampleOutput,
@@ -27,6 +27,7 @@ class ARSampler:
     """One forward pass per token (no `steps`, no step schedule); defaults as conf/sampler/ar.yaml."""
 
     processes = (AUTOREGRESSIVE,)
+    requires = ()  # `special` only (every Objective has it)
 
     def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
         self.temperature, self.top_k, self.top_p = check_temperature(temperature), *check_truncation(top_k, top_p)
@@ -39,7 +40,7 @@ class ARSampler:
         width = ids.shape[1]
         gens = row_generators(seed, len(prompts), device)
         # room for the prompt and every token generated (the last one is never fed back)
-        cache = backbone.new_cache(max_length=width + length) if hasattr(backbone, "new_cache") else None
+        cache = new_cache(backbone, width + length)
         out, done, nfe = [], torch.zeros(len(prompts), dtype=torch.bool, device=device), 0
         row_nfe = torch.zeros(len(prompts), dtype=torch.long, device=device)
         positions = 0

@@ -67,9 +67,10 @@ def rand_rows(gens: list[torch.Generator], shape: tuple, device, active: torch.T
     return out
 
 
-def gumbel_rows(gens, shape, device) -> torch.Tensor:
-    u = rand_rows(gens, shape, device).clamp_(1e-20, 1.0)
-    return -torch.log(-torch.log(u))
+def gumbel_max(logp: torch.Tensor, u: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """A draw from softmax(logp / T) by the Gumbel-max trick, given uniforms u ∈ [0, 1) of logp's shape (used
+    up in place): argmax(logp / T − log(−log u))."""
+    return (logp / temperature - torch.log(-torch.log(u.clamp_(1e-20, 1.0)))).argmax(-1)
 
 
 def check_temperature(temperature) -> float:
@@ -114,8 +115,7 @@ def sample_tokens(logp: torch.Tensor, temperature: float, gens, active: torch.Te
         if len(rows):
             out[rows] = sample_tokens(logp[rows], temperature, [gens[r] for r in rows.tolist()])
         return out
-    g = gumbel_rows(gens, logp.shape[1:], logp.device)
-    return (logp / temperature + g).argmax(-1)
+    return gumbel_max(logp, rand_rows(gens, logp.shape[1:], logp.device), temperature)
 
 
 def masked_canvas(prompts: list[list[int]], length: int, special, device):

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.contracts import BLOCK_ABSORBING
+from diffuse.contracts import BLOCK_ABSORBING, Absorbing, Blockwise, Cached, block_size_of
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout
 from diffuse.registry import SAMPLERS
@@ -49,6 +49,7 @@ from diffuse.schedules import build_schedule
 @SAMPLERS.register("block")
 class BlockSampler:
     processes = (BLOCK_ABSORBING,)
+    requires = (Absorbing, Blockwise)  # `log_probs` of the block's logits; `block_size`
     any_length = True  # block-causal: nothing ties the length to the trained canvas
 
     def __init__(self, steps: int = 8, threshold: float | None = None, remasking: str = "low_confidence",
@@ -67,14 +68,15 @@ class BlockSampler:
 
     @torch.no_grad()
     def generate(self, backbone, objective, prompts, length, seed=0) -> SampleOutput:
-        size = getattr(objective, "block_size", None)
+        size = block_size_of(objective)
         if not size:
             raise DiffuseError("sampler=block decodes models trained with objective.block_size; this objective "
                                "has none (use sampler=llada for a full-sequence model)")
         if length <= 0:
             raise DiffuseError(f"sampler length={length} must be positive")
-        use_cache = hasattr(backbone, "new_cache") if self.use_cache is None else bool(self.use_cache)
-        if use_cache and not hasattr(backbone, "new_cache"):
+        cached = isinstance(backbone, Cached)
+        use_cache = cached if self.use_cache is None else bool(self.use_cache)
+        if use_cache and not cached:
             raise DiffuseError(f"sampler.use_cache=true, but {type(backbone).__name__} has no KV cache: use "
                                "sampler.use_cache=null (the cache where there is one) or false")
         special, device, B = objective.special, next(backbone.parameters()).device, len(prompts)

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from diffuse.contracts import Seekable, component_name, new_cache
 from diffuse.errors import DiffuseError
 from diffuse.sampling.base import left_padded, masked_canvas
 
@@ -142,9 +143,9 @@ class CachedCanvas(Canvas):
 
 def seekable_cache(backbone, width: int, mode: str):
     """A KV cache of `width` positions that can overwrite a block (`seek`), or a one-line refusal."""
-    name = getattr(type(backbone), "registry_name", type(backbone).__name__)
-    cache = backbone.new_cache(max_length=width) if hasattr(backbone, "new_cache") else None
-    if cache is None or not hasattr(cache, "seek"):
+    name = component_name(backbone)
+    cache = new_cache(backbone, width)
+    if not isinstance(cache, Seekable):
         what = ("keeps a recurrent state, which cannot revisit a block" if cache is not None
                 else "has no KV cache to run through")
         raise DiffuseError(f"sampler.cache={mode} needs a KV cache that can overwrite positions, and model={name} "

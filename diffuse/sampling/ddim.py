@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.contracts import GAUSSIAN
+from diffuse.contracts import GAUSSIAN, Gaussian
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
 from diffuse.sampling.base import (
@@ -28,6 +28,7 @@ class DDIMSampler:
     """Defaults as conf/sampler/ddim.yaml."""
 
     processes = (GAUSSIAN,)
+    requires = (Gaussian,)  # the embedding table, ᾱ(t), rounding: checked at build time
 
     def __init__(self, steps: int = 10, clamp: bool = False, temperature: float = 1.0):
         if int(steps) <= 0:
