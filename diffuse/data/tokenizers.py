@@ -63,7 +63,7 @@ class BPETokenizer:
     fingerprint. It trains on the first `train_chars` characters of the training split (seeded and shuffled
     unless data.val_path is given), so a corpus larger than RAM trains in bounded memory and time."""
 
-    def __init__(self, vocab_size: int = 4096, min_frequency: int = 2, train_chars: int | None = 100_000_000):
+    def __init__(self, vocab_size: int = 8192, min_frequency: int = 2, train_chars: int | None = 100_000_000):
         if vocab_size <= 256 + len(SPECIALS):
             raise DiffuseError(f"tokenizer.vocab_size={vocab_size} must exceed 260 (256 bytes + 4 specials)")
         if train_chars is not None and int(train_chars) <= 0:
