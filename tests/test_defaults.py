@@ -84,3 +84,21 @@ def test_the_datamodule_keys_are_one_yaml_and_its_defaults():
     for option in sorted((CONF / "data").glob("*.yaml")):  # every data option composes it first
         if option.stem != "_datamodule":
             assert (yaml.safe_load(option.read_text()) or {}).get("defaults") == ["_datamodule", "_self_"], option.name
+
+
+def test_data_sft_has_the_streaming_keys_and_refuses_streaming_in_one_line(tmp_path):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from diffuse.errors import DiffuseError
+    from diffuse.run.build import build_datamodule
+
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"prompt": "a", "completion": "b"}\n')
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        cfg = compose("train", overrides=["data=sft", f"data.path={path}", "data.streaming=true"])
+    assert cfg.data.stream_val_docs == 2000
+    with pytest.raises(DiffuseError, match=r"^data.streaming=true: data=sft cannot be streamed") as err:
+        build_datamodule(cfg, seed=0, cache_dir=str(tmp_path))
+    assert "\n" not in str(err.value)
