@@ -65,14 +65,34 @@ class TimestepEmbedding(nn.Module):
         return self.mlp(torch.cat([args.cos(), args.sin()], dim=-1))
 
 
-def add_time(x: torch.Tensor, time_emb: TimestepEmbedding | None, t: torch.Tensor | None) -> torch.Tensor:
-    """The input of a backbone: token embeddings x plus the embedding of t when the model is time-conditioned
-    (`time_emb` set, `model.time_conditioning=true`); x unchanged otherwise (t is then ignored)."""
-    if time_emb is None:
-        return x
-    if t is None:
-        raise DiffuseError("this model has model.time_conditioning=true but the objective passes no t")
-    return x + time_emb(t).to(x.dtype)
+class TokenEnds(nn.Module):
+    """What the token backbones (transformer, mamba2) share around their trunk: the token embedding `tok_emb`,
+    the optional time embedding `time_emb` (added to the input: `model.time_conditioning=true`) and the output
+    head `head`, which the subclass builds."""
+
+    tok_emb: nn.Embedding
+    time_emb: TimestepEmbedding | None
+    head: nn.Linear
+
+    @property
+    def time_conditioned(self) -> bool:
+        return self.time_emb is not None
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.tok_emb(ids)
+
+    def inputs(self, ids: torch.Tensor | None, embeds: torch.Tensor | None, t: torch.Tensor | None) -> torch.Tensor:
+        """The trunk's input: the embeddings of `ids` (or `embeds`, continuous inputs), plus the embedding of t
+        when the model is time-conditioned (t is ignored otherwise)."""
+        x = self.embed(ids) if embeds is None else embeds
+        if self.time_emb is None:
+            return x
+        if t is None:
+            raise DiffuseError("this model has model.time_conditioning=true but the objective passes no t")
+        return x + self.time_emb(t).to(x.dtype)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
 
 
 def attention_mask(

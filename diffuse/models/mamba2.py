@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffuse.errors import DiffuseError
-from diffuse.models.layers import TimestepEmbedding, add_time
+from diffuse.models.layers import TimestepEmbedding, TokenEnds
 from diffuse.models.ssd import reverse_within_runs, segment_runs, ssd_scan
 from diffuse.registry import MODELS
 
@@ -188,7 +188,7 @@ class Mamba2Cache:
 
 
 @MODELS.register("mamba2")
-class Mamba2(nn.Module):
+class Mamba2(TokenEnds):
     supports_block_layout = False  # a bidirectional scan has no block-causal form here: refuses objective.block_size
 
     def __init__(
@@ -239,13 +239,6 @@ class Mamba2(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
 
-    @property
-    def time_conditioned(self) -> bool:
-        return self.time_emb is not None
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.tok_emb(ids)
-
     def _use_kernel(self, x: torch.Tensor) -> bool:
         if self.use_kernels is False:
             announce("the pure-PyTorch SSD scan (model.use_kernels=false)")
@@ -263,8 +256,7 @@ class Mamba2(nn.Module):
 
     def forward(self, ids=None, embeds=None, t=None, segment_ids=None, causal=False, cache: Mamba2Cache | None = None):
         """Hidden states [B, L, D] after the final norm. Give `ids` or `embeds` (continuous inputs)."""
-        x = self.embed(ids) if embeds is None else embeds
-        x = add_time(x, self.time_emb, t)
+        x = self.inputs(ids, embeds, t)
         if cache is not None:
             return self._forward_cached(x, segment_ids, causal, cache)
         runs = None if segment_ids is None else segment_runs(segment_ids)
@@ -293,9 +285,6 @@ class Mamba2(nn.Module):
         for block, state in zip(self.blocks, cache.layers):
             x = block(x, ctx, causal=True, state=state)
         return self.norm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
 
     def new_cache(self, max_length: int | None = None) -> Mamba2Cache:
         """An empty recurrent cache; its state has a fixed size, so `max_length` is accepted and ignored."""

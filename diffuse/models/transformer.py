@@ -19,7 +19,7 @@ from diffuse.models.layers import (
     RotaryEmbedding,
     SwiGLU,
     TimestepEmbedding,
-    add_time,
+    TokenEnds,
     apply_rotary,
     attention_mask,
     flex_block_mask,
@@ -153,7 +153,7 @@ class Block(nn.Module):
 
 
 @MODELS.register("transformer")
-class Transformer(nn.Module):
+class Transformer(TokenEnds):
     supports_block_layout = True  # models without it refuse objective.block_size at build time
 
     def __init__(
@@ -198,21 +198,13 @@ class Transformer(nn.Module):
             if getattr(m, "bias", None) is not None:
                 nn.init.zeros_(m.bias)
 
-    @property
-    def time_conditioned(self) -> bool:
-        return self.time_emb is not None
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.tok_emb(ids)
-
     def forward(self, ids=None, embeds=None, t=None, segment_ids=None, causal=False, cache: KVCache | None = None,
                 layout: BlockLayout | None = None):
         """Hidden states [B, L, D] after the final norm. Give `ids` or `embeds` (continuous inputs).
 
         `layout`: block diffusion's attention pattern and positions (models/layers.py BlockLayout).
         """
-        x = self.embed(ids) if embeds is None else embeds
-        x = add_time(x, self.time_emb, t)
+        x = self.inputs(ids, embeds, t)
         B, L, _ = x.shape
         if layout is not None and (cache is not None or causal):
             raise DiffuseError("a block layout brings its own attention pattern: no cache, no causal flag")
@@ -233,9 +225,6 @@ class Transformer(nn.Module):
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, causal, cache, i)
         return self.norm(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
 
     def new_cache(self, max_length: int) -> KVCache:
         """An empty static KV cache for up to `max_length` positions (prompt + generated tokens)."""
