@@ -6,6 +6,12 @@ A component is one registered class (`@OBJECTIVES.register("name")`) plus one ya
 Processes: an objective declares the noising process it runs; a sampler declares the processes whose
 reverse it knows. `build_sampler` refuses a pair that does not match (one line), so no sampler can fill a
 canvas with [MASK] for a model that never saw one.
+
+Capabilities: whatever a sampler, distiller or regularizer calls on an objective or a backbone beyond the
+contracts is declared here too, as a small Protocol (Absorbing, Gaussian, Blockwise, Cached, …). A sampler
+lists the ones it needs in `requires`, checked by `build_sampler` (one line); a capability that genuinely
+varies (a backbone with or without a cache) is asked of the Protocol (`isinstance(backbone, Cached)`), never
+probed by name.
 """
 
 from __future__ import annotations
@@ -98,8 +104,8 @@ class NoiseProcess(Protocol):
     def distance(self, pred: torch.Tensor, target: torch.Tensor, where: torch.Tensor) -> torch.Tensor: ...
 
 
-# the noising hooks by name, in the order the messages list them
-NOISING_HOOKS = ("sample_t", "draw_noise", "corrupt", "predict", "still_noisy", "noise_level", "distance")
+# the noising hooks by name, in the order declared above (the order the messages list them)
+NOISING_HOOKS = tuple(k for k, v in vars(NoiseProcess).items() if callable(v) and not k.startswith("_"))
 
 
 @runtime_checkable

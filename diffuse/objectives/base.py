@@ -1,7 +1,9 @@
-"""What every objective shares: the output of a loss, the special token ids, antithetic time draws.
+"""What every objective shares: the output of a loss, the special token ids, antithetic time draws, the
+positions a noise process may corrupt.
 
-An objective is a torch `nn.Module` (the contract is `Objective` in diffuse/contracts.py): class
-attributes `process`, `causal`, `default_sampler`, an instance attribute `global_step` that DiffusionLM
+An objective is a torch `nn.Module` (the contract is `Objective` in diffuse/contracts.py): class-declared
+`process`, `causal`, `default_sampler` (or properties derived from the configuration, never written on the
+instance: block diffusion's), an instance attribute `global_step` that DiffusionLM
 sets before every training step, and `loss(backbone, batch, generator, train) -> LossOutput`. Objectives
 with a noise process also give the hooks of `NoisingObjective` (`sample_t`, `draw_noise`, `corrupt`,
 `predict`, `still_noisy`, `noise_level`, `distance`), which the consistency regularizer, the gradient
