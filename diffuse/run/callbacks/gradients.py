@@ -1,16 +1,19 @@
 """Which corruption levels drive learning? Every N steps, the gradient norm of the objective's loss
 restricted to each corruption bucket (low / mid / high noise, diffuse.core.metrics.BUCKETS).
 
-For each bucket: one extra forward/backward on the current batch with t drawn uniformly inside the
-bucket's range of noise levels (the objective's `noise_level(t)`: the mask ratio for masked
-objectives). The loss is the objective's own — only its `sample_t` hook is replaced, on a shallow
-copy — so nothing is re-derived. Gradients come from `torch.autograd.grad`: the optimizer's `.grad`
-are untouched, and the RNG state is forked, so a run with the analysis trains exactly like one without.
+For each bucket: one extra forward/backward on the current batch (the first micro-batch under gradient
+accumulation), with t drawn inside the bucket's t range: the range is found by bisection on the objective's
+`noise_level(t)` (the mask ratio for masked objectives; `t_for_level`), clamped to the objective's own
+[eps, 1], and passed as `objective.loss(..., t_range=…)`, so the loss is the objective's own. The noise comes
+from a generator of its own (`noise_generator(seed, step)`, `seed` defaulting to the run's); the torch RNG is
+forked and the pass runs under the trainer's precision. The norm is over the backbone's trainable parameters,
+through `torch.autograd.grad`: the optimizer's `.grad` are untouched, so a run with the analysis trains exactly
+like one without. Skipped without a logger; objectives without a noise level (autoregressive) are skipped
+with one warning.
 
 Logged straight to the run's loggers (metrics.csv) as `grad/norm_{bucket}` and `grad/loss_{bucket}`, at
-steps 0, N, 2N, … (computed before that step's optimizer update).
+steps 0, N, 2N, … (computed before that step's optimizer update); drawn by `python -m diffuse.report --heatmap`.
 """
-
 from __future__ import annotations
 
 import logging
