@@ -184,9 +184,6 @@ class TextDataModule(L.LightningDataModule):
         sampler = ValidationShard(len(ds), self.eval_batch_size, trainer.global_rank, world, trainer.limit_val_batches)
         return DataLoader(ds, batch_sampler=sampler, num_workers=self.num_workers)
 
-    def test_dataloader(self):
-        return self.val_dataloader()
-
     def describe(self) -> str:
         n = {k: "streamed" if isinstance(v, StreamingRows) else len(v) for k, v in self.splits.items()}
         return f"{n.get('train', 0)} train / {n.get('validation', 0)} val rows of {self.seq_len} tokens, vocab {len(self.tokenizer)}"
