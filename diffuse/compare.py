@@ -26,7 +26,7 @@ from diffuse.evaluation.runner import (
 )
 from diffuse.evaluation.sweep import plot_curves, speedup
 from diffuse.run.build import as_dict
-from diffuse.run.entry import overridden_data_keys, pick_device
+from diffuse.run.entry import overridden_data_keys, pick_device, sampler_knobs
 
 
 @one_line_errors
@@ -70,6 +70,7 @@ def compare(cfg: DictConfig) -> dict:
     return comparison
 
 
+@sampler_knobs
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="compare")
 def main(cfg: DictConfig) -> None:
     compare(cfg)

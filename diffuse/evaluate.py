@@ -26,7 +26,7 @@ from diffuse.evaluation.runner import (
 )
 from diffuse.evaluation.sweep import plot_curves
 from diffuse.run.build import as_dict
-from diffuse.run.entry import overridden_data_keys, pick_device
+from diffuse.run.entry import overridden_data_keys, pick_device, sampler_knobs
 
 
 @one_line_errors
@@ -51,6 +51,7 @@ def evaluate(cfg: DictConfig) -> dict:
     return result
 
 
+@sampler_knobs
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="evaluate")
 def main(cfg: DictConfig) -> None:
     evaluate(cfg)

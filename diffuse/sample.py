@@ -20,7 +20,7 @@ from omegaconf import DictConfig
 from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import DiffuseError, one_line_errors
 from diffuse.run.build import build_sampler
-from diffuse.run.entry import check_context, pick_device, sampler_spec
+from diffuse.run.entry import check_context, pick_device, sampler_knobs, sampler_spec
 from diffuse.run.load import load_run
 
 
@@ -64,6 +64,7 @@ def sample(cfg: DictConfig) -> list[dict]:
     return records
 
 
+@sampler_knobs
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="sample")
 def main(cfg: DictConfig) -> None:
     sample(cfg)

@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import one_line_errors
 from diffuse.evaluation.end_of_run import print_samples
+from diffuse.run.entry import sampler_knobs
 from diffuse.run.fit import train_in
 
 
@@ -23,6 +24,7 @@ def train(cfg: DictConfig) -> dict:
     return train_in(cfg, Path(HydraConfig.get().runtime.output_dir), report=print_samples)
 
 
+@sampler_knobs
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def main(cfg: DictConfig) -> float | None:
     flat = train(cfg)

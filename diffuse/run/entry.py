@@ -3,7 +3,9 @@ the `data.*` keys given on the command line. Entry points import this, never eac
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 
 import torch
 from hydra.core.hydra_config import HydraConfig
@@ -17,6 +19,20 @@ log = logging.getLogger("diffuse")
 SHORTHANDS = ("steps", "temperature")  # `steps=32` on the command line means `sampler.steps=32`
 
 
+def sampler_knobs(main):
+    """Outermost decorator of an entry point: `sampler.<key>=…` on the command line sets a knob of the chosen
+    sampler, or of the checkpoint's own when none is chosen (`sampler: {}` in the yaml, which Hydra's struct
+    mode would refuse to extend). Rewritten as Hydra's add-or-override `++sampler.<key>=…`; a key the sampler
+    does not take is then refused in one line by its registry."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        sys.argv = [f"++{a}" if a.startswith("sampler.") else a for a in sys.argv]
+        return main(*args, **kwargs)
+
+    return wrapper
+
+
 def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -26,9 +42,11 @@ def pick_device(name: str) -> torch.device:
 
 
 def sampler_spec(cfg, train_cfg, objective, shorthands=SHORTHANDS) -> dict:
-    """The command line's sampler, else the one the checkpoint was trained with, else the objective's own;
+    """The command line's sampler (`sampler=<name>`), else the one the checkpoint was trained with, else the
+    objective's own. `sampler.<key>=…` without `sampler=<name>` are knobs of that sampler (the checkpoint's own);
     shorthands (`steps=…`, `temperature=…`) apply where the sampler has that knob (an AR sampler has no steps)."""
-    spec = as_dict(cfg.get("sampler")) or as_dict(train_cfg.get("sampler"))
+    given = as_dict(cfg.get("sampler"))
+    spec = given if "name" in given else {**as_dict(train_cfg.get("sampler")), **given}
     spec.setdefault("name", objective.default_sampler)
     sampler_cls = SAMPLERS.get(spec["name"])
     for key in shorthands:

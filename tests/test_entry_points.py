@@ -1,0 +1,59 @@
+"""What every entry point owes a user before it does any work: a required key left out is one line, and a knob
+of the checkpoint's own sampler (`sampler.<key>=…` without `sampler=<name>`) is taken, on every command."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import call_main, error_lines, tiny_args
+
+
+@pytest.mark.parametrize("module, key", [("diffuse.sample", "ckpt"), ("diffuse.evaluate", "ckpt"),
+                                         ("diffuse.compare", "a"), ("diffuse.distill", "teacher"),
+                                         ("diffuse.export", "ckpt")])
+def test_a_required_key_left_out_is_one_line(module, key):
+    result = call_main(module)
+    assert result.returncode == 2, result
+    assert error_lines(result.stderr) == [f"error: {key} is required: give {key}=… on the command line"]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def llada_ckpt(corpus, tmp_path_factory):
+    run = tmp_path_factory.mktemp("llada")
+    result = call_main("diffuse.train", *tiny_args(corpus, run, "objective=llada", "trainer.max_steps=2"))
+    assert result.returncode == 0, result
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_sample_takes_a_knob_of_the_checkpoints_own_sampler(llada_ckpt, tmp_path):
+    result = call_main("diffuse.sample", f"ckpt={llada_ckpt}", "num_samples=1", "length=16", "sampler.steps=4",
+                       "sampler.block_length=8", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result
+    row = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
+    assert row["sampler"] == "llada" and row["nfe"] == 4
+
+
+def test_a_knob_the_sampler_does_not_take_is_one_line(llada_ckpt, tmp_path):
+    result = call_main("diffuse.sample", f"ckpt={llada_ckpt}", "sampler.nope=1", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 2, result
+    assert error_lines(result.stderr)[0].startswith("error: sampler 'llada' got unknown key(s) nope")
+
+
+def test_evaluate_and_compare_take_sampler_knobs(llada_ckpt, tmp_path):
+    common = ["num_samples=1", "length=16", "limit_batches=1", "t_samples=1", "progress=false", "sampler.steps=4"]
+    result = call_main("diffuse.evaluate", f"ckpt={llada_ckpt}", *common, f"hydra.run.dir={tmp_path / 'e'}")
+    assert result.returncode == 0, result
+    assert json.loads((tmp_path / "e" / "eval.json").read_text())["quality"]["nfe"] == 4
+    result = call_main("diffuse.compare", f"a={llada_ckpt}", f"b={llada_ckpt}", *common,
+                       f"hydra.run.dir={tmp_path / 'c'}")
+    assert result.returncode == 0, result
+
+
+def test_train_takes_a_knob_of_the_objectives_own_sampler(corpus, tmp_path):
+    result = call_main("diffuse.train", *tiny_args(corpus, tmp_path, "objective=llada", "trainer.max_steps=1",
+                                                   "sampler.steps=3", "--cfg", "job"))
+    assert result.returncode == 0, result
+    assert "steps: 3" in result.stdout
