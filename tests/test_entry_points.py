@@ -57,3 +57,12 @@ def test_train_takes_a_knob_of_the_objectives_own_sampler(corpus, tmp_path):
                                                    "sampler.steps=3", "--cfg", "job"))
     assert result.returncode == 0, result
     assert "steps: 3" in result.stdout
+
+
+def test_flex_attention_training_on_cpu_is_one_line(corpus, tmp_path):
+    """torch has no FlexAttention backward on CPU: a traceback at the first backward before."""
+    result = call_main("diffuse.train", *tiny_args(corpus, tmp_path, "objective.block_size=16", "model.attention=flex",
+                                                   "model.dropout=0", "trainer.max_steps=1"))
+    assert result.returncode == 2, result
+    assert error_lines(result.stderr) == ["error: model.attention=flex does not train on CPU (FlexAttention has no "
+                                          "CPU backward in torch); train with model.attention=sdpa here, or on a GPU"]

@@ -215,6 +215,9 @@ class Transformer(TokenEnds):
             keys = cache.extend(seg)
             segment_ids = seg
         if self.attention == "flex" and cache is None and (segment_ids is not None or layout is not None):
+            if x.device.type == "cpu" and torch.is_grad_enabled() and x.requires_grad:
+                raise DiffuseError("model.attention=flex does not train on CPU (FlexAttention has no CPU backward in "
+                                   "torch); train with model.attention=sdpa here, or on a GPU")
             mask = flex_block_mask(segment_ids, causal, layout, B, L)
         elif layout is not None:
             mask = layout.mask(segment_ids, B)
