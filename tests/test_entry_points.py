@@ -66,3 +66,22 @@ def test_flex_attention_training_on_cpu_is_one_line(corpus, tmp_path):
     assert result.returncode == 2, result
     assert error_lines(result.stderr) == ["error: model.attention=flex does not train on CPU (FlexAttention has no "
                                           "CPU backward in torch); train with model.attention=sdpa here, or on a GPU"]
+
+
+def test_a_sampler_the_user_did_not_name_never_blocks_a_run(corpus, tmp_path):
+    """recipe=tdlm names sampler=remask for its masked objective; its AR baseline (README) must still train."""
+    import torch
+
+    result = call_main("diffuse.train", "recipe=tdlm", "objective=autoregressive", "debug=default", "data=text",
+                       f"data.path={corpus}", "tokenizer.vocab_size=300", "model.d_model=32", "model.n_layers=1",
+                       "trainer.max_steps=1", "num_samples=0", f"hydra.run.dir={tmp_path}")
+    assert result.returncode == 0, result
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["diffuse"]["config"]["sampler"] == {}  # recorded as used: the objective's own (ar)
+
+
+def test_a_sampler_the_user_named_that_does_not_fit_is_one_line(corpus, tmp_path):
+    result = call_main("diffuse.train", *tiny_args(corpus, tmp_path, "objective=autoregressive", "sampler=remask"))
+    assert result.returncode == 2, result
+    assert error_lines(result.stderr) == ["error: sampler=remask decodes absorbing processes, but objective="
+                                          "autoregressive runs a autoregressive process; use sampler=ar"]

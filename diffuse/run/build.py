@@ -109,20 +109,26 @@ def build_sampler(spec: dict | None, objective):
     return SAMPLERS.build(spec)
 
 
-def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, legacy: bool = False,
+def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, sampler_origin: str | None = None,
                  inference: bool = False):
-    """`legacy`: a checkpoint written before samplers were checked against the objective's process may
-    name a sampler that never fitted (it was silently replaced then); it is replaced again, and said so.
-    `inference`: for sampling and evaluation, without what only training needs (a distillation teacher)."""
+    """`sampler_origin`: None when the user named the sampler (one that does not fit the objective is refused in
+    one line); else where the config's sampler came from ("the checkpoint", "the config"): a sampler the user did
+    not name never blocks a run — one that does not fit is replaced by the objective's own, said in one line and
+    recorded in `run_config`. `inference`: for sampling and evaluation, without what only training needs (a
+    distillation teacher)."""
     backbone = build_model(cfg, tokenizer)
     objective = build_objective(cfg, tokenizer)
     if isinstance(objective, ChecksBackbone):  # an objective that needs more of the backbone says so in one line
         objective.check_backbone(backbone, as_dict(cfg.model).get("name"))
     sampler_cfg = as_dict(cfg.get("sampler"))
-    if legacy and sampler_cfg.get("name") and not sampler_fits(SAMPLERS.get(sampler_cfg["name"]), objective):
-        log.warning("checkpoint names sampler=%s, which does not fit objective=%s; using sampler=%s",
-                    sampler_cfg["name"], objective.registry_name, objective.default_sampler)
+    if (sampler_origin and sampler_cfg.get("name")
+            and not sampler_fits(SAMPLERS.get(sampler_cfg["name"]), objective)):
+        log.warning("sampler=%s (from %s) does not decode objective=%s's %s process; using sampler=%s",
+                    sampler_cfg["name"], sampler_origin, objective.registry_name, objective.process,
+                    objective.default_sampler)
         sampler_cfg = {}
+        if run_config is not None:
+            run_config["sampler"] = {}  # what was used: the objective's own
     optim = as_dict(cfg.get("optim"))
     check_optim(optim)
     optim.setdefault("total_steps", cfg.trainer.get("max_steps") if "trainer" in cfg else None)

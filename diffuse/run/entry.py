@@ -73,6 +73,14 @@ def check_context(train_cfg, prompts: list[list[int]], length: int, beyond: bool
                        f"ask for fewer tokens, or pass +beyond_context=true to sample there anyway (quality unknown)")
 
 
+def named_on_command_line(group: str) -> bool:
+    """Whether the command line set `group=…` or one of its keys (True outside a Hydra app: the caller chose)."""
+    if not HydraConfig.initialized():
+        return True
+    keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
+    return any(k == group or k.startswith(f"{group}.") for k in keys)
+
+
 def overridden_data_keys() -> set[str]:
     """`data.*` keys set on the command line (they win over the checkpoint's DataModule settings)."""
     keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)

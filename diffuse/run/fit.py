@@ -29,6 +29,7 @@ from diffuse.run.checkpoint import (
     read_checkpoint,
     stored_config,
 )
+from diffuse.run.entry import named_on_command_line
 from diffuse.run.load import check_checkpoint_fits, load_weights
 from diffuse.run.optim import announce_optim_changes, optim_changes
 
@@ -110,7 +111,9 @@ def starting_point(cfg: DictConfig, run_dir: Path, run_config: dict) -> Start:
 
 def module_from(cfg: DictConfig, tokenizer, run_config: dict, start: Start):
     """The module the config builds, checked against the resumed checkpoint or loaded with `init_from`'s weights."""
-    module = build_module(cfg, tokenizer, run_config=run_config)
+    # a sampler a recipe or preset names for its own objective never blocks another objective's run
+    origin = None if named_on_command_line("sampler") else "the config, not the command line"
+    module = build_module(cfg, tokenizer, run_config=run_config, sampler_origin=origin)
     if start.ckpt_path:
         check_checkpoint_fits(module, start.ckpt, start.ckpt_path)
     if start.init is not None:

@@ -21,7 +21,7 @@ def load_run(ckpt_path: str, map_location="cpu", key: str = "ckpt"):
     cfg = OmegaConf.create(meta["config"])
     tokenizer = checkpoint_tokenizer(ckpt, ckpt_path)
     # a distilled student samples and evaluates without its teacher
-    module = build_module(cfg, tokenizer, run_config=meta["config"], legacy=True, inference=True)
+    module = build_module(cfg, tokenizer, run_config=meta["config"], sampler_origin="the checkpoint", inference=True)
     module.load_state_dict(inference_state_dict(ckpt))  # the EMA weights when the run averaged them (callbacks=ema)
     module.eval()
     return cfg, tokenizer, module
