@@ -23,9 +23,16 @@ from diffuse.run.load import load_run
 CONFIG_FILE = "diffuse_config.json"
 
 
-def export(ckpt: str, out: str) -> Path:
-    cfg, tokenizer, module = load_run(ckpt)
+def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
+    """Into `out`, which must be new or empty: files there that diffuse did not write are never replaced
+    (`overwrite=true` replaces the export's own files in it)."""
     out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DiffuseError(f"out={out} is a file, not a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
+        raise DiffuseError(f"out={out} is not empty: give a new folder, or overwrite=true to write the export's "
+                           "files into it (others there are kept)")
+    cfg, tokenizer, module = load_run(ckpt)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_model(module.backbone, str(out_dir / "model.safetensors"))  # drops tied duplicates safely
     (out_dir / CONFIG_FILE).write_text(json.dumps(OmegaConf.to_container(cfg), indent=2))
@@ -49,7 +56,7 @@ def load_exported(folder: str):
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    print(f"exported to {export(cfg.ckpt, cfg.out)}")
+    print(f"exported to {export(cfg.ckpt, cfg.out, bool(cfg.get('overwrite', False)))}")
 
 
 if __name__ == "__main__":

@@ -21,3 +21,20 @@ def test_export_reloads_to_identical_logits(debug_run, tmp_path):
         a = module.backbone.logits(module.backbone(ids=ids))
         b = module2.backbone.logits(module2.backbone(ids=ids))
     assert torch.equal(a, b)
+
+
+def test_export_never_overwrites_a_non_empty_folder_unless_asked(debug_run, tmp_path):
+    from conftest import call_main, error_lines
+
+    ckpt = debug_run / "checkpoints" / "last.ckpt"
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "tokenizer.json").write_text("the user's own file")
+    refused = call_main("diffuse.export", f"ckpt={ckpt}", f"out={out}")
+    assert refused.returncode == 2 and error_lines(refused.stderr)[0].startswith(f"error: out={out} is not empty")
+    assert (out / "tokenizer.json").read_text() == "the user's own file"
+    (out / "notes.txt").write_text("kept")
+    done = call_main("diffuse.export", f"ckpt={ckpt}", f"out={out}", "overwrite=true")
+    assert done.returncode == 0, done
+    assert (out / "notes.txt").read_text() == "kept" and (out / "model.safetensors").is_file()
+    assert list(tmp_path.iterdir()) == [out]  # the export's run dir wrote nothing beside it

@@ -82,3 +82,12 @@ def test_default_preset_scaled_down_prints_phases_samples_metrics_and_next_steps
     assert f'python -m diffuse.sample ckpt={ckpt} prompt="The for statement"' in out
     assert f"python -m diffuse.evaluate ckpt={ckpt}" in out
     assert "python -m diffuse.train recipe=tdlm" in out
+
+
+def test_samples_printed_after_training_past_the_context_are_warned_about(corpus, tmp_path):
+    from conftest import call_main, tiny_args
+
+    args = [a for a in tiny_args(corpus, tmp_path) if not a.startswith("num_samples")]
+    result = call_main("diffuse.train", *args, "trainer.max_steps=1", "num_samples=1", "sample_length=40")
+    assert result.returncode == 0, result
+    assert "past the 32 the model was trained on (data.seq_len)" in result.stderr + result.stdout

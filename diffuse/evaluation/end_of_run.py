@@ -9,6 +9,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from diffuse.evaluation import readable
+from diffuse.run.entry import check_context
 
 log = logging.getLogger("diffuse")
 
@@ -21,6 +22,7 @@ def print_samples(cfg: DictConfig, module, tokenizer, dm, flat: dict, run_dir: P
     if cfg.get("num_samples", 0) <= 0:
         return
     sampler = module.sampler
+    check_context(cfg, [[]], int(cfg.sample_length), beyond=True, sampler=sampler)  # past data.seq_len: a warning
     steps = f", {sampler.steps} steps" if getattr(sampler, "steps", None) else ""
     log.info("[3/3] sample: %d × %d tokens, sampler=%s%s", cfg.num_samples, cfg.sample_length,
              sampler.registry_name, steps)
