@@ -98,6 +98,7 @@ def starting_point(cfg: DictConfig, run_dir: Path, run_config: dict) -> Start:
     ckpt_path = rundir.resume_path(cfg, run_dir)
     if ckpt_path:
         ckpt = read_checkpoint(ckpt_path, "ckpt_path")
+        keep_tokenizer_of(ckpt, "ckpt_path", run_config)
         changes = optim_changes(stored_config(ckpt).get("optim") or {}, run_config.get("optim") or {})
         announce_optim_changes(changes)
         return Start(ckpt_path=ckpt_path, ckpt=ckpt, resumed_at=int(ckpt.get("global_step", 0)),
@@ -105,8 +106,21 @@ def starting_point(cfg: DictConfig, run_dir: Path, run_config: dict) -> Start:
                      callbacks=[ApplyOptimConfig(changes)] if changes else [])
     if cfg.get("init_from"):
         init = read_checkpoint(cfg.init_from, "init_from")
+        keep_tokenizer_of(init, "init_from", run_config)
         return Start(init=init, tokenizer=checkpoint_tokenizer(init, cfg.init_from))
     return Start()
+
+
+def keep_tokenizer_of(ckpt: dict, key: str, run_config: dict) -> None:
+    """A run started from a checkpoint (resume or init_from) uses its tokenizer: a `tokenizer…` override on the
+    command line that contradicts it is refused in one line, and the run records the tokenizer it really uses."""
+    theirs = stored_config(ckpt).get("tokenizer")
+    if not theirs or theirs == run_config.get("tokenizer"):
+        return
+    if named_on_command_line("tokenizer"):
+        raise DiffuseError(f"{key} was trained with tokenizer={theirs.get('name')} ({theirs}); a run started from it "
+                           f"uses that tokenizer: drop the tokenizer override")
+    run_config["tokenizer"] = theirs
 
 
 def module_from(cfg: DictConfig, tokenizer, run_config: dict, start: Start):

@@ -46,6 +46,13 @@ def check_checkpoint_fits(module, ckpt: dict, ckpt_path: str) -> None:
     if trained and trained != given:
         raise DiffuseError(f"checkpoint {ckpt_path} was trained with objective={trained}, not objective={given}; "
                            f"a resume continues the same run: use objective={trained}")
+    distilled = (stored_config(ckpt).get("distill") or {}).get("name")
+    distilling = module.distiller.registry_name if module.distiller is not None else None
+    if distilled != distilling:  # a round resumed as plain training would continue under another loss and lr
+        raise DiffuseError(
+            f"checkpoint {ckpt_path} is a round of diffuse.distill (method={distilled}): resume it by running the same "
+            "python -m diffuse.distill command again (it continues unfinished rounds)" if distilled else
+            f"checkpoint {ckpt_path} is not a diffuse.distill round: method={distilling} cannot resume it")
     misfit = state_dict_misfit(module.state_dict(), ckpt.get("state_dict", {}))
     if misfit:
         raise DiffuseError(f"checkpoint {ckpt_path} was written by another config ({misfit}); "
