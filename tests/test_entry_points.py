@@ -85,3 +85,15 @@ def test_a_sampler_the_user_named_that_does_not_fit_is_one_line(corpus, tmp_path
     assert result.returncode == 2, result
     assert error_lines(result.stderr) == ["error: sampler=remask decodes absorbing processes, but objective="
                                           "autoregressive runs a autoregressive process; use sampler=ar"]
+
+
+@pytest.mark.parametrize("override, line", [
+    ("trainer.max_steps=-5", "error: trainer: `max_steps` must be a non-negative integer or -1 (infinite steps). "
+                             "You passed in -5."),
+    ("trainer.accumulate_grad_batches=0", "error: trainer.accumulate_grad_batches=0 must be an integer ≥ 1"),
+])
+def test_a_value_lightning_refuses_is_one_line(corpus, tmp_path, override, line):
+    """Hydra's multi-line "Error in call to target" (or a ZeroDivisionError mid-fit) before."""
+    result = call_main("diffuse.train", *tiny_args(corpus, tmp_path, override))
+    assert result.returncode == 2, result
+    assert error_lines(result.stderr) == [line] and "Traceback" not in result.stderr

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import lightning as L
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from omegaconf import DictConfig, OmegaConf
@@ -138,8 +139,9 @@ def module_from(cfg: DictConfig, tokenizer, run_config: dict, start: Start):
 
 def make_trainer(cfg: DictConfig, run_dir: Path, start: Start) -> L.Trainer:
     """The one `lightning.Trainer`: configured callbacks and loggers, atomic checkpoint writes."""
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c] + start.callbacks
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c]
+    callbacks = [instantiated(c, f"callbacks.{k}") for k, c in (cfg.get("callbacks") or {}).items() if c]
+    callbacks += start.callbacks
+    loggers = [instantiated(c, f"logger.{k}") for k, c in (cfg.get("logger") or {}).items() if c]
     if start.resumed_at is not None and is_global_rank_zero():
         for logger in loggers:  # steps after the checkpoint are logged again by this run: keep each once
             if hasattr(logger, "forget_steps_from"):
@@ -147,10 +149,25 @@ def make_trainer(cfg: DictConfig, run_dir: Path, start: Start) -> L.Trainer:
     # the checkpoint already read goes to Lightning's resume (optimizer, loops, callbacks): the file is read once
     checkpoint_io = AtomicCheckpointIO(preloaded={start.ckpt_path: start.ckpt} if start.ckpt_path else None)
     start.ckpt = None  # held by checkpoint_io until Lightning takes it, then freed
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False,
-                                     plugins=[checkpoint_io], default_root_dir=str(run_dir))
+    accumulate = cfg.trainer.get("accumulate_grad_batches")
+    if accumulate is not None and not (isinstance(accumulate, int) and accumulate >= 1):  # Lightning divides by it
+        raise DiffuseError(f"trainer.accumulate_grad_batches={accumulate} must be an integer ≥ 1")
+    trainer: L.Trainer = instantiated(cfg.trainer, "trainer", callbacks=callbacks, logger=loggers or False,
+                                      plugins=[checkpoint_io], default_root_dir=str(run_dir))
     refuse_spawned_ranks(trainer)
     return trainer
+
+
+def instantiated(node, key: str, **kwargs):
+    """Hydra's instantiate, with what the target refused (Lightning's own checks of trainer.*, a callback's of its
+    keys) as one line naming the config node, instead of Hydra's multi-line "Error in call to target"."""
+    try:
+        return instantiate(node, **kwargs)
+    except InstantiationException as err:
+        cause = err.__cause__ or err
+        if isinstance(cause, DiffuseError):
+            raise cause from None
+        raise DiffuseError(f"{key}: {' '.join(str(cause).split())}") from None
 
 
 def finish(trainer: L.Trainer, module, dm, run_dir: Path) -> dict:
