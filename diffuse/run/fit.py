@@ -96,6 +96,7 @@ def _train(cfg: DictConfig, run_dir: Path, report: Report | None) -> dict:
 def starting_point(cfg: DictConfig, run_dir: Path, run_config: dict) -> Start:
     """A resume (`resume=true` / `ckpt_path=`) keeps the checkpoint's tokenizer and says which optim keys
     changed; `init_from` (a fresh run from another run's weights, e.g. a student) keeps its tokenizer."""
+    rundir.check_new_run(cfg, run_dir)  # a new run over a finished one: refused unless overwrite=true
     ckpt_path = rundir.resume_path(cfg, run_dir)
     if ckpt_path:
         ckpt = read_checkpoint(ckpt_path, "ckpt_path")

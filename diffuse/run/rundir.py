@@ -9,12 +9,17 @@
   from scratch). Optimisation keys that differ from the checkpoint's are listed in one line; the given
   values are used (applied to the restored optimizer: run/optim.py, `ApplyOptimConfig`), so `.hydra/config.yaml` and the
   new checkpoints, which record the given config, say what was used.
+- **No silent overwrite.** A new run (neither `resume=true` nor `ckpt_path=`) in a dir that holds a run's results
+  (`checkpoints/last.ckpt` or rows in `metrics.csv`; Hydra's `.hydra/` and logs alone are not) is refused in one
+  line, before Hydra rewrites `.hydra/` when the `RunDirLock` callback runs (`check_new_run`); `overwrite=true`
+  starts afresh there, removing the old checkpoints and metrics first.
 - **Metrics**: `metrics.json` is flat and written atomically; the metrics of a finished run survive a resume
   that trains no further step (`merge_metrics`).
 """
 
 from __future__ import annotations
 
+import csv
 import fcntl
 import json
 import logging
@@ -25,6 +30,7 @@ import time
 from pathlib import Path
 
 from diffuse.core.io import write_text_atomic
+from diffuse.core.ranks import is_global_rank_zero
 from diffuse.errors import DiffuseError
 
 log = logging.getLogger("diffuse")
@@ -82,6 +88,48 @@ def resume_path(cfg, run_dir: Path) -> str | None:
         raise DiffuseError(f"resume=true but {last} does not exist; check hydra.run.dir={run_dir} "
                            "(or drop resume=true to start a new run)")
     return str(last)
+
+
+def held_run(run_dir: Path) -> str | None:
+    """What of a run `run_dir` holds ("checkpoints/last.ckpt and metrics.csv up to step 41"), or None: Hydra's
+    `.hydra/`, logs and an empty metrics.csv are what any run writes before it trains, not a run."""
+    run_dir = Path(run_dir)
+    found = []
+    if (run_dir / "checkpoints" / "last.ckpt").is_file():
+        found.append("checkpoints/last.ckpt")
+    metrics = run_dir / "metrics.csv"
+    if metrics.is_file():
+        steps = []
+        with open(metrics, newline="") as f:
+            for row in csv.DictReader(f):
+                try:
+                    steps.append(int(float(row.get("step") or "")))
+                except ValueError:
+                    steps.append(-1)
+        if steps:
+            found.append(f"metrics.csv up to step {max(steps)}" if max(steps) >= 0 else "metrics.csv rows")
+    return " and ".join(found) or None
+
+
+def check_new_run(cfg, run_dir: Path) -> None:
+    """A new run (no `resume=true`, no `ckpt_path=`) may not write over a run: refused in one line unless
+    `overwrite=true`, which removes the old checkpoints and metrics. Global rank 0 only (the others write nothing)."""
+    if cfg.get("resume") or cfg.get("ckpt_path") or not is_global_rank_zero():
+        return
+    held = held_run(run_dir)
+    if held is None:
+        return
+    if not cfg.get("overwrite"):
+        resume = ("continue it with resume=true, " if (Path(run_dir) / "checkpoints" / "last.ckpt").is_file()
+                  else "it left no checkpoint to resume; ")
+        raise DiffuseError(f"run dir {run_dir} already holds a run ({held}): {resume}give another hydra.run.dir, "
+                           "or overwrite=true to start a new run there (its checkpoints and metrics are removed)")
+    removed = [p for p in (*sorted((Path(run_dir) / "checkpoints").glob("*.ckpt")), Path(run_dir) / "metrics.csv",
+                           Path(run_dir) / "metrics.json") if p.is_file()]
+    for p in removed:
+        p.unlink()
+    log.warning("overwrite=true: removed the run in %s (%s): %s", run_dir, held,
+                ", ".join(str(p.relative_to(run_dir)) for p in removed))
 
 
 def merge_metrics(path: Path, metrics: dict) -> dict:

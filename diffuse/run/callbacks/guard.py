@@ -24,13 +24,17 @@
 `check_finite_checkpoint` (called by `DiffusionLM.on_save_checkpoint`, so it holds whatever callbacks are
 configured) refuses to write a checkpoint whose weights (raw or averaged) are not finite. `FiniteModelCheckpoint`
 is Lightning's ModelCheckpoint that never records a non-finite monitored value: `best.ckpt` never points at a NaN
-validation (Lightning's own turns NaN into ±inf and saves it while it has fewer than `save_top_k` files).
+validation (Lightning's own turns NaN into ±inf and saves it while it has fewer than `save_top_k` files). With
+`every_n_seconds` it also writes `last.ckpt` when that many seconds passed since its last write, whichever of that
+and `every_n_train_steps` comes first (Lightning's `train_time_interval` excludes the step interval), so a run
+killed early (`kill -9`) still resumes (`callbacks.last_checkpoint` in conf/callbacks/default.yaml).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import time
 
 import lightning as L
 import torch
@@ -205,7 +209,23 @@ def check_finite_checkpoint(checkpoint: dict) -> None:
 
 
 class FiniteModelCheckpoint(ModelCheckpoint):
-    """ModelCheckpoint that never records a non-finite monitored value (NaN / ±inf validation)."""
+    """ModelCheckpoint that never records a non-finite monitored value (NaN / ±inf validation).
+
+    `every_n_seconds`: also write `last` (only: no top-k file) at the end of an optimizer step when this many seconds
+    passed since this callback's last write or the start of training — "every N steps or every T seconds, whichever
+    comes first". Written like every checkpoint (AtomicCheckpointIO: the old file or the new one). One process checks
+    the clock every step; several decide on rank 0 every `trainer.log_every_n_steps` steps (one broadcast)."""
+
+    def __init__(self, *args, every_n_seconds: float | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        if every_n_seconds is not None:
+            if not (float(every_n_seconds) > 0 and math.isfinite(float(every_n_seconds))):
+                raise DiffuseError(f"every_n_seconds={every_n_seconds}: must be a positive number of seconds (or null)")
+            if not self.save_last:
+                raise DiffuseError(f"every_n_seconds={every_n_seconds} writes last.ckpt: it needs save_last: true")
+        self.every_n_seconds = None if every_n_seconds is None else float(every_n_seconds)
+        self._last_write: float | None = None  # time.monotonic() of this callback's last write (or train start)
+        self._stepped_at: int | None = None  # global_step at the previous batch end: a new one means a step was taken
 
     def check_monitor_top_k(self, trainer, current=None):
         if current is not None and not bool(torch.isfinite(torch.as_tensor(current)).all()):
@@ -213,6 +233,30 @@ class FiniteModelCheckpoint(ModelCheckpoint):
                         f"{self.filename}{self.FILE_EXTENSION}" if self.filename else "the best checkpoint")
             return False
         return super().check_monitor_top_k(trainer, current)
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self._last_write = time.monotonic()
+        self._stepped_at = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)  # every_n_train_steps, as Lightning
+        stepped, self._stepped_at = trainer.global_step != self._stepped_at, trainer.global_step
+        if self.every_n_seconds is None or not stepped or self._should_skip_saving_checkpoint(trainer):
+            return  # no interval; mid-accumulation (no optimizer step yet); or written at this step already
+        if self._last_write is None:
+            self._last_write = time.monotonic()
+        due = time.monotonic() - self._last_write >= self.every_n_seconds
+        if trainer.world_size > 1:  # every rank must take part in a save: rank 0's clock decides, now and then
+            if trainer.global_step % max(1, int(trainer.log_every_n_steps or 1)):
+                return
+            due = trainer.strategy.broadcast(due)
+        if due:
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+    def _save_checkpoint(self, trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        self._last_write = time.monotonic()  # the interval counts from the end of any write of this callback
 
     @property
     def state_key(self) -> str:  # Lightning's own key: a run written with ModelCheckpoint resumes its best score
