@@ -58,6 +58,7 @@ def student_config(teacher_cfg: dict, cfg: DictConfig, run_dir: Path, init_from:
     student.paths.output_dir = str(run_dir)
     student.init_from, student.distill = init_from, distill
     student.resume = (run_dir / "checkpoints" / "last.ckpt").is_file()
+    student.overwrite = not student.resume  # a round killed before its first checkpoint starts over
     return student
 
 

@@ -55,6 +55,9 @@ def prepare(overrides: list[str]) -> dict[str, Path]:
 
 @one_line_errors
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__.strip())
+        return
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s")
     prepare(sys.argv[1:])
 

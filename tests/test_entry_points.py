@@ -97,3 +97,17 @@ def test_a_value_lightning_refuses_is_one_line(corpus, tmp_path, override, line)
     result = call_main("diffuse.train", *tiny_args(corpus, tmp_path, override))
     assert result.returncode == 2, result
     assert error_lines(result.stderr) == [line] and "Traceback" not in result.stderr
+
+
+def test_bf16_mixed_precision_clips_a_fused_optimizers_gradients(corpus, tmp_path, monkeypatch):
+    """trainer=gpu (bf16-mixed) with the default fused AdamW and gradient_clip_val=1: Lightning refused ("does not
+    allow for gradient clipping because it performs unscaling of gradients internally") on any device."""
+    import torch
+
+    clipped = []
+    real = torch.nn.utils.clip_grad_norm_
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda *a, **k: clipped.append(a[1]) or real(*a, **k))
+    result = call_main("diffuse.train", *tiny_args(corpus, tmp_path, "trainer=gpu", "trainer.accelerator=cpu",
+                                                   "trainer.max_steps=2"))
+    assert result.returncode == 0, result
+    assert clipped == [1.0, 1.0]

@@ -101,8 +101,27 @@ class DiffusionLM(L.LightningModule):
 
     # -- optimisation ---------------------------------------------------------------------------
     def configure_optimizers(self):
-        opt, sched = build_optimizer(self.named_parameters(), self.optim)
+        optim = dict(self.optim)
+        if self._trainer is not None and self.trainer.gradient_clip_val and self._loss_scaler() is not None:
+            optim["fused"] = False  # a fused step unscales inside the kernel: clipping must see unscaled gradients
+        opt, sched = build_optimizer(self.named_parameters(), optim)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Lightning refuses to clip a fused optimizer's gradients under any mixed precision (it assumes a loss
+        scaler); bf16 has none, so the gradients are at their true scale and are clipped here."""
+        if gradient_clip_val and self._loss_scaler() is None and getattr(optimizer, "_step_supports_amp_scaling", False):
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            if gradient_clip_algorithm == "value":
+                torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def _loss_scaler(self):
+        """torch.amp.GradScaler of 16-mixed precision; None otherwise (bf16, 32)."""
+        return getattr(self.trainer.precision_plugin, "scaler", None)
 
     # -- checkpoints carry what is needed to rebuild the run --------------------------------------
     def on_save_checkpoint(self, checkpoint):
