@@ -32,8 +32,13 @@ def pack_documents(docs: list[list[int]], seq_len: int, pad_id: int,
 
 
 def pad_documents(docs: list[list[int]], seq_len: int, pad_id: int,
-                  extra: dict[str, list[list[int]]] | None = None) -> dict[str, np.ndarray]:
-    """One document per row, truncated to `seq_len` and right-padded (`extra` columns with 0)."""
+                  extra: dict[str, list[list[int]]] | None = None, split: bool = False) -> dict[str, np.ndarray]:
+    """One document per row, right-padded (`extra` columns with 0). A document longer than `seq_len` is
+    truncated to its first `seq_len` tokens, or with `split` cut into consecutive rows of `seq_len` (the last
+    one padded): plain text keeps every token, each piece attending only to itself."""
+    if split:
+        docs, extra = _pieces(docs, seq_len), {name: _pieces(cols, seq_len) for name, cols in (extra or {}).items()}
+
     def fit(cols, fill):
         out = np.full((len(docs), seq_len), fill, dtype=np.int64)
         for row, c in zip(out, cols):
@@ -46,6 +51,36 @@ def pad_documents(docs: list[list[int]], seq_len: int, pad_id: int,
     for name, cols in (extra or {}).items():
         out[name] = fit(cols, 0)
     return out
+
+
+def _pieces(docs: list[list[int]], seq_len: int) -> list[list[int]]:
+    return [d[i:i + seq_len] for d in docs for i in range(0, max(len(d), 1), seq_len)]
+
+
+def truncated(docs: list[list[int]], seq_len: int) -> np.ndarray:
+    """Per document, the tokens past `seq_len` that pad_documents (without `split`) cuts off."""
+    return np.maximum(np.fromiter((len(d) for d in docs), dtype=np.int64, count=len(docs)) - seq_len, 0)
+
+
+DROPPED = "dropped_tokens"  # a per-row count RowMaker.encode adds when rows truncate: a statistic, not a column
+
+
+def truncation_counts(dropped: np.ndarray) -> dict[str, int]:
+    """{documents, truncated, tokens} of one batch's DROPPED counts (add them up over batches)."""
+    return {"documents": len(dropped), "truncated": int((dropped > 0).sum()), "tokens": int(dropped.sum())}
+
+
+def truncation_note(counts: dict[str, int], seq_len: int, split: str) -> str | None:
+    """The one log line saying what truncation cut off in a split (None when nothing was)."""
+    if not counts.get("truncated"):
+        return None
+    return (f"data split '{split}': {counts['truncated']} of {counts['documents']} documents longer than "
+            f"data.seq_len={seq_len} were truncated with data.pack=false ({counts['tokens']} tokens dropped; "
+            "raise data.seq_len or set data.pack=true to keep them)")
+
+
+def add_counts(total: dict[str, int], counts: dict[str, int]) -> dict[str, int]:
+    return {k: total.get(k, 0) + v for k, v in counts.items()}
 
 
 def _renumber(seg: np.ndarray) -> np.ndarray:

@@ -13,6 +13,7 @@ by a few chunks, not the corpus.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -25,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -35,11 +37,13 @@ from torch.utils.data import Dataset
 from diffuse import __version__
 from diffuse.core.io import fsync_dir
 from diffuse.core.ranks import is_local_rank_zero
+from diffuse.data.packing import DROPPED, add_counts, truncation_counts, truncation_note
 from diffuse.errors import DiffuseError
 
 log = logging.getLogger("diffuse")
 
-LAYOUT = 1  # bump when the files or the way rows are cut change: older caches are then not reused
+LAYOUT = 2  # bump when the files or the way rows are cut change: older caches are then not reused
+# 2: whitespace-only lines separate paragraphs; data.pack=false cuts a long text document into several rows
 CHUNK = 2000  # documents per tokenizer call; the in-memory path packs the same batches, so rows agree
 META = "meta.json"
 WAIT_S = 4 * 3600.0  # how long a rank waits for local rank 0 to prepare a split
@@ -47,6 +51,42 @@ WAIT_S = 4 * 3600.0  # how long a rank waits for local rank 0 to prepare a split
 
 def cache_key(parts: dict) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# errors that say the cache folder cannot take files (as opposed to a bug or a missing input)
+CACHE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EEXIST, errno.ENOSPC, errno.EDQUOT}
+
+
+def cache_dir_error(cache_dir, why: str) -> DiffuseError:
+    env = os.environ.get("DIFFUSE_CACHE")
+    origin = " (from DIFFUSE_CACHE)" if env and os.path.abspath(env) == os.path.abspath(cache_dir) else ""
+    return DiffuseError(f"paths.cache_dir={cache_dir}{origin} is not a usable cache folder: {why}; set paths.cache_dir= "
+                        "(or the DIFFUSE_CACHE environment variable) to a writable folder")
+
+
+def check_cache_dir(cache_dir) -> None:
+    """The cache folder exists (made if need be) and is a folder; a run that only reads a prepared cache may find
+    it read-only, so writing is checked where it happens (cache_errors)."""
+    root = Path(cache_dir)
+    if root.exists() and not root.is_dir():
+        raise cache_dir_error(cache_dir, "it is a file, not a folder")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise cache_dir_error(cache_dir, f"it cannot be created ({err.strerror})") from None
+
+
+@contextmanager
+def cache_errors(cache_dir):
+    """An OSError on a path inside the cache folder (unwritable, read-only, full) becomes the one-line error."""
+    try:
+        yield
+    except OSError as err:
+        name = err.filename
+        inside = isinstance(name, str) and Path(os.path.abspath(name)).is_relative_to(os.path.abspath(cache_dir))
+        if err.errno in CACHE_ERRNOS and inside:
+            raise cache_dir_error(cache_dir, f"{err.strerror} ({name})") from None
+        raise
 
 
 def is_writer() -> bool:
@@ -111,7 +151,11 @@ def open_split(root: Path, split: str, documents: Callable[[], object], encode: 
                  time.perf_counter() - tic)
     else:
         wait_for(folder / META, wait_s)
-    return PreparedRows(folder, limit)
+    prepared = PreparedRows(folder, limit)
+    note = truncation_note(prepared.meta.get("truncated", {}), prepared.meta["seq_len"], split)
+    if note:  # said on every run that trains on these rows, not only the one that wrote them
+        log.warning(note)
+    return prepared
 
 
 def wait_for(marker: Path, timeout: float, poll: float = 1.0) -> None:
@@ -196,9 +240,12 @@ def write_split(folder: Path, documents, encode: Callable[[dict], dict], meta: d
     dtypes = {"input_ids": np.dtype(np.uint16 if meta["vocab_size"] <= 65535 else np.uint32),
               "segment_ids": uint_for(seq_len), "prompt_mask": uint_for(1)}
     files: dict[str, _NpyAppender] = {}
+    truncated: dict[str, int] = {}
     try:
         with tqdm(total=len(documents), desc=f"prepare {folder.name}", unit=" docs") as bar:
             for start, encoded in zip(range(0, len(documents), CHUNK), _encoded_chunks(documents, encode, num_proc)):
+                if DROPPED in encoded:
+                    truncated = add_counts(truncated, truncation_counts(encoded.pop(DROPPED)))
                 for name, rows in encoded.items():
                     if name not in files:
                         files[name] = _NpyAppender(tmp / f"{name}.npy", dtypes[name], seq_len)
@@ -210,7 +257,7 @@ def write_split(folder: Path, documents, encode: Callable[[dict], dict], meta: d
         if rows == 0:
             raise DiffuseError(f"data split '{folder.name}' is empty after tokenization")
         record = {**meta, "rows": rows, "dtypes": {n: f.dtype.name for n, f in files.items()},
-                  "layout": LAYOUT, "diffuse": __version__}
+                  "layout": LAYOUT, "diffuse": __version__, **({"truncated": truncated} if truncated else {})}
         with open(tmp / META, "w") as f:
             json.dump(record, f, indent=1, sort_keys=True, default=str)
             f.flush()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -18,12 +19,30 @@ from typing import Any
 import numpy as np
 
 from diffuse.contracts import DataSource, TokenizerBuilder, check_contract
-from diffuse.data.packing import pack_documents, pad_documents
-from diffuse.data.prepared import CHUNK, LAYOUT, cache_key, is_prepared, open_split
-from diffuse.data.streaming import StreamingRows, materialise
+from diffuse.data.packing import (
+    DROPPED,
+    pack_documents,
+    pad_documents,
+    truncated,
+    truncation_counts,
+    truncation_note,
+)
+from diffuse.data.prepared import (
+    CHUNK,
+    LAYOUT,
+    cache_errors,
+    cache_key,
+    check_cache_dir,
+    is_prepared,
+    open_split,
+)
+from diffuse.data.sources import DOCUMENTS
+from diffuse.data.streaming import StreamingRows, decoded, materialise
 from diffuse.data.tokenizers import tokenizer_state
 from diffuse.errors import DiffuseError
 from diffuse.registry import DATASETS, TOKENIZERS
+
+log = logging.getLogger("diffuse")
 
 
 def check_seq_len(seq_len) -> None:
@@ -60,6 +79,7 @@ class RowMaker:
         self.seq_len = int(seq_len)
         self.pack, self.add_bos, self.add_eos = pack, add_bos, add_eos
         self.seed, self.cache_dir = seed, cache_dir
+        check_cache_dir(cache_dir)  # a file or an uncreatable path fails now, in one line naming paths.cache_dir
         self.prepared = bool(prepared)  # rows written once to <cache_dir>/prepared/ and memory-mapped
         if num_proc is not None and int(num_proc) <= 0:
             raise DiffuseError(f"data.num_proc={num_proc} must be a positive number of processes or null (all cores)")
@@ -87,10 +107,11 @@ class RowMaker:
         """The raw text splits, loaded on first use: a run whose prepared rows exist never reads the text.
         Streamed, they are `datasets` iterable datasets that read the files (or the hub) as they are consumed."""
         if self._raw is None:
-            if self.streaming:
-                self._raw = self.source.stream(self.cache_dir)
-            else:
-                self._raw, _ = self.source.load(seed=self.seed, cache_dir=self.cache_dir)
+            with cache_errors(self.cache_dir):
+                if self.streaming:
+                    self._raw = self.source.stream(self.cache_dir)
+                else:
+                    self._raw, _ = self.source.load(seed=self.seed, cache_dir=self.cache_dir)
         return self._raw
 
     @raw.setter
@@ -100,18 +121,28 @@ class RowMaker:
     def load(self, tokenizer=None):
         """Find the source and build (or take) the tokenizer. Idempotent; called before the model exists.
         A BPE tokenizer already cached for this source reads no text."""
-        if self.fingerprint is None:
-            self.fingerprint = self.source.fingerprint(self.cache_dir)
-        if self.tokenizer is None:
-            # the tokenizer cache is keyed by what decides the training split: the files, the source's settings, the seed
-            key = cache_key({"source": self.source_parts(), "fingerprint": self.fingerprint, "seed": self.seed})
-            self.tokenizer = tokenizer or self.tokenizer_builder(self._train_texts(), cache_dir=self.cache_dir,
-                                                                 fingerprint=key)
+        with cache_errors(self.cache_dir):
+            if self.fingerprint is None:
+                self.fingerprint = self.source.fingerprint(self.cache_dir)
+            if self.tokenizer is None:
+                # the tokenizer cache is keyed by what decides the training split: the files, the source's settings,
+                # the seed, the way text is cut into documents
+                key = cache_key({"source": self.source_parts(), "fingerprint": self.fingerprint, "seed": self.seed,
+                                 "documents": DOCUMENTS})
+                self.tokenizer = tokenizer or self.tokenizer_builder(self._train_texts(), cache_dir=self.cache_dir,
+                                                                     fingerprint=key)
         return self.tokenizer
 
     def documents(self, split: str, limit: int | None = None):
         """The first `limit` (all: None) documents' text of a split, one at a time, streamed or not."""
-        yield from (row["text"] for row in islice(self.raw[split], limit))
+        yield from (row["text"] for row in decoded(islice(self.raw[split], limit), self._decode_error))
+
+    def _decode_error(self) -> None:
+        """A stream met text that is not UTF-8 (streaming reads files unchecked): the source names the file in the
+        prepared path's one line, if it can."""
+        check = getattr(self.source, "check_text", None)
+        if check is not None:
+            check()
 
     def _train_texts(self):
         yield from self.documents("train")  # BPE stops at tokenizer.train_chars
@@ -121,10 +152,15 @@ class RowMaker:
         """(split, rows) for each of `split_names`, in order: the streamed training rows and the first
         stream_val_docs documents' validation rows, the memory-mapped prepared rows, or in-memory rows."""
         self.load()
+        with cache_errors(self.cache_dir):
+            yield from self._make(split_names)
+
+    def _make(self, split_names) -> Iterator[tuple[str, Any]]:
         if self.streaming:
             for split in split_names:
-                yield split, (StreamingRows(self.raw[split], self.encode, self.seed) if split == "train"
-                              else materialise(self.raw[split], self.encode, self.stream_val_docs))
+                yield split, (StreamingRows(self.raw[split], self.encode, self.seed, self._decode_error)
+                              if split == "train" else
+                              materialise(self.raw[split], self.encode, self.stream_val_docs, self._decode_error))
             return
         if self.prepared:
             parts = self.cache_parts()
@@ -145,6 +181,11 @@ class RowMaker:
             )
             if len(rows) == 0:
                 raise DiffuseError(f"data split '{split}' is empty after tokenization")
+            if DROPPED in rows.column_names:
+                note = truncation_note(truncation_counts(np.asarray(rows[DROPPED])), self.seq_len, split)
+                if note:
+                    log.warning(note)
+                rows = rows.remove_columns(DROPPED)
             limit = self._limit(split)
             if limit is not None:
                 rows = rows.select(range(min(len(rows), limit)))
@@ -164,18 +205,26 @@ class RowMaker:
         tok = self.tokenizer
         bos = [tok.bos_token_id] if self.add_bos else []
         eos = [tok.eos_token_id] if self.add_eos else []
-        arrange = pack_documents if self.pack else pad_documents
         if "prompt" not in batch:
             # raw text that spells "[MASK]" or "[EOS]" stays text: only the DataModule adds special ids
             docs = tok(batch["text"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
-            return arrange([bos + d + eos for d in docs], self.seq_len, tok.pad_token_id)
+            docs = [bos + d + eos for d in docs]
+            if self.pack:
+                return pack_documents(docs, self.seq_len, tok.pad_token_id)
+            # one document per row: a longer one continues in the next rows (every token is trained on)
+            return pad_documents(docs, self.seq_len, tok.pad_token_id, split=True)
         # prompt/answer pairs (SFT): `text` starts with `prompt`; a per-token prompt_mask marks BOS + prompt
         heads = tok(batch["prompt"], add_special_tokens=False)["input_ids"]
         answers = [t[len(p):] for t, p in zip(batch["text"], batch["prompt"])]
         tails = tok(answers, add_special_tokens=False)["input_ids"]
         docs = [bos + h + a + eos for h, a in zip(heads, tails)]
         prompt_mask = [[1] * (len(bos) + len(h)) + [0] * (len(a) + len(eos)) for h, a in zip(heads, tails)]
-        return arrange(docs, self.seq_len, tok.pad_token_id, extra={"prompt_mask": prompt_mask})
+        if self.pack:
+            return pack_documents(docs, self.seq_len, tok.pad_token_id, extra={"prompt_mask": prompt_mask})
+        # one sample per row, truncated (an answer's tail cut from its prompt would teach nothing): what was cut
+        # is counted (DROPPED) and said in one log line per split
+        rows = pad_documents(docs, self.seq_len, tok.pad_token_id, extra={"prompt_mask": prompt_mask})
+        return {**rows, DROPPED: truncated(docs, self.seq_len)}
 
     def cache_parts(self) -> dict:
         """Everything that shapes the rows, hashed into the prepared-data key (diffuse/data/prepared.py): the

@@ -8,6 +8,7 @@ import codecs
 import hashlib
 import logging
 import os
+import re
 from pathlib import Path
 
 import datasets
@@ -23,9 +24,49 @@ def _check_val_fraction(val_fraction: float) -> None:
         raise DiffuseError(f"data.val_fraction={val_fraction} must lie in (0, 1)")
 
 
+# Bump when the way text is cut into documents changes: tokenizer and prepared-data caches keyed on it are rebuilt.
+# 2: a whitespace-only line separates paragraphs (WikiText's blank lines hold a space).
+DOCUMENTS = 2
+
+
 def _nonblank(text: str) -> bool:
-    """Documents that are only whitespace are dropped, loaded or streamed."""
+    """The one blank test: a document (loaded, streamed or from the hub) that is only whitespace is dropped, and
+    a line that is only whitespace separates paragraphs."""
     return bool(text.strip())
+
+
+# a line holding whitespace and nothing else; an empty line is already a cut of datasets' paragraph split
+_WHITESPACE_LINE = re.compile(r"^[^\S\n]+$", re.M)
+
+
+def paragraphs(text: str) -> list[str]:
+    """The paragraphs of `text` (one of datasets' "\\n\\n"-separated pieces): runs of lines separated by blank
+    lines, empty or whitespace-only (WikiText's separators hold a space). A text without a whitespace-only line
+    comes back as it is (unless blank), so corpora with empty separators keep their documents exactly."""
+    if not _WHITESPACE_LINE.search(text):
+        return [text] if _nonblank(text) else []
+    out, lines = [], []
+    for line in text.split("\n"):
+        if _nonblank(line):
+            lines.append(line)
+        elif lines:
+            out.append("\n".join(lines))
+            lines = []
+    if lines:
+        out.append("\n".join(lines))
+    return out
+
+
+def _paragraph_batch(batch: dict) -> dict:
+    return {"text": [p for text in batch["text"] for p in paragraphs(text)]}
+
+
+def _nonblank_batch(batch: dict) -> list[bool]:
+    return [_nonblank(t) for t in batch["text"]]
+
+
+def _has_whitespace_lines(ds: datasets.Dataset, batch: int = 1000) -> bool:
+    return any(_WHITESPACE_LINE.search(t) for rows in ds.iter(batch_size=batch) for t in rows["text"])
 
 
 def _split(ds: datasets.Dataset, val_fraction: float, seed: int) -> datasets.DatasetDict:
@@ -110,7 +151,9 @@ def _load_text(files: list[Path], sample_by: str, cache_dir: str) -> datasets.Da
     ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by=sample_by, split="train",
                                cache_dir=str(Path(cache_dir) / "datasets"),
                                num_proc=min(len(files), os.cpu_count() or 1) if len(files) > 1 else None)
-    return ds.filter(lambda batch: [_nonblank(t) for t in batch["text"]], batched=True)
+    if sample_by == "paragraph" and _has_whitespace_lines(ds):  # else no new Arrow copy: blanks are filtered out
+        return ds.map(_paragraph_batch, batched=True, remove_columns=ds.column_names, desc="paragraphs")
+    return ds.filter(_nonblank_batch, batched=True)
 
 
 def fingerprint_files(files: list[Path]) -> str:
@@ -127,8 +170,9 @@ def fingerprint_files(files: list[Path]) -> str:
 class TextSource:
     """Local text files or folders through `datasets.load_dataset("text")`.
 
-    `sample_by`: what one document is — `paragraph` (blank-line separated), `line` or `document`
-    (a whole file). `val_path` gives an explicit validation set; otherwise a seeded split.
+    `sample_by`: what one document is — `paragraph` (separated by blank lines, empty or whitespace-only: see
+    `paragraphs`), `line` or `document` (a whole file); whitespace-only documents are dropped. `val_path` gives
+    an explicit validation set; otherwise a seeded split.
     """
 
     def __init__(self, path=None, val_path=None, sample_by: str = "paragraph", val_fraction: float = 0.05):
@@ -153,12 +197,27 @@ class TextSource:
         dd = datasets.DatasetDict(train=train, validation=_load_text(_files(self.val_path), self.sample_by, cache_dir))
         return dd, self.fingerprint(cache_dir)
 
+    def check_text(self) -> None:
+        """Each file is UTF-8 and not empty, or the one-line error names it (a stream, which reads the files
+        unchecked, calls this when decoding fails)."""
+        _files(self.path)
+        if self.val_path is not None:
+            _files(self.val_path)
+
     def stream(self, cache_dir: str) -> dict:
-        """The files read as they are consumed (data.streaming): nothing is written to disk."""
+        """The files read as they are consumed (data.streaming): nothing is written to disk, nothing is read before
+        training asks for it (text that is not UTF-8 fails there, in the same one line as check_text's)."""
         train = _stream_text(_files(self.path, check=False), self.sample_by)
         if self.val_path is None:
             return _split_stream(train, self.val_fraction)
         return {"train": train, "validation": _stream_text(_files(self.val_path, check=False), self.sample_by)}
+
+
+def embedded_text() -> str:
+    """The embedded corpus's text: CPython's documentation topics, one paragraph-separated file."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
 
 
 @DATASETS.register("embedded")
@@ -170,9 +229,7 @@ class EmbeddedSource(TextSource):
         super().__init__(path="<embedded>", sample_by="paragraph", val_fraction=val_fraction)
 
     def _materialise(self, cache_dir: str) -> None:
-        from pydoc_data.topics import topics
-
-        text = "\n\n".join(topics[k].strip() for k in sorted(topics)) + "\n"
+        text = embedded_text()
         out = Path(cache_dir) / "embedded" / "pydoc_topics.txt"
         out.parent.mkdir(parents=True, exist_ok=True)
         if not out.exists() or out.read_text() != text:
@@ -203,6 +260,8 @@ def _split_stream(stream: datasets.IterableDataset, val_fraction: float) -> dict
 def _stream_text(files: list[Path], sample_by: str) -> datasets.IterableDataset:
     ds = datasets.load_dataset("text", data_files=[str(f) for f in files], sample_by=sample_by, split="train",
                                streaming=True)
+    if sample_by == "paragraph":  # the same documents as loaded: split at whitespace-only lines, blanks dropped
+        return ds.map(_paragraph_batch, batched=True, remove_columns=["text"])
     return ds.filter(lambda row: _nonblank(row["text"]))
 
 

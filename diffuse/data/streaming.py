@@ -19,15 +19,29 @@ import datasets
 import torch
 from torch.utils.data import IterableDataset
 
+from diffuse.data.packing import DROPPED
 from diffuse.data.prepared import CHUNK
 from diffuse.errors import DiffuseError
 
 
-def packed_rows(documents, encode: Callable[[dict], dict]) -> Iterator[dict[str, torch.Tensor]]:
+def decoded(documents, on_decode_error: Callable[[], None] | None = None) -> Iterator:
+    """`documents` as they come; text that is not UTF-8 (streaming reads files without checking them first)
+    calls `on_decode_error`, which raises the one-line error naming the file (else the decoder's error stands)."""
+    try:
+        yield from documents
+    except UnicodeDecodeError:
+        if on_decode_error is not None:
+            on_decode_error()
+        raise
+
+
+def packed_rows(documents, encode: Callable[[dict], dict],
+                on_decode_error: Callable[[], None] | None = None) -> Iterator[dict[str, torch.Tensor]]:
     """Rows, one at a time, from an iterable of {"text": …} documents, encoded CHUNK documents at a time."""
-    it = iter(documents)
+    it = decoded(documents, on_decode_error)
     while batch := list(islice(it, CHUNK)):
         columns = encode({key: [doc[key] for doc in batch] for key in batch[0]})
+        columns.pop(DROPPED, None)  # truncation counts (SFT rows, which are never streamed)
         for i in range(len(columns["input_ids"])):
             yield {name: torch.from_numpy(rows[i]).long() for name, rows in columns.items()}
 
@@ -36,8 +50,9 @@ class StreamingRows(IterableDataset):
     """The endless, shuffled, resumable training rows of a stream (see the module's docstring)."""
 
     def __init__(self, stream: datasets.IterableDataset, encode: Callable[[dict], dict], seed: int,
-                 shuffle_buffer: int = 10_000):
+                 on_decode_error: Callable[[], None] | None = None, shuffle_buffer: int = 10_000):
         self.stream, self.encode, self.seed, self.shuffle_buffer = stream, encode, seed, shuffle_buffer
+        self.on_decode_error = on_decode_error
         self.start, self.rank, self.world_size = 0, 0, 1
 
     def at(self, start: int, rank: int = 0, world_size: int = 1) -> "StreamingRows":
@@ -47,7 +62,7 @@ class StreamingRows(IterableDataset):
 
     def epoch(self, e: int) -> Iterator[dict[str, torch.Tensor]]:
         shuffled = self.stream.shuffle(seed=self.seed * 100_003 + e, buffer_size=self.shuffle_buffer)
-        return packed_rows(shuffled, self.encode)
+        return packed_rows(shuffled, self.encode, self.on_decode_error)
 
     def __iter__(self):
         first = self.start * self.world_size + self.rank
@@ -64,9 +79,10 @@ class StreamingRows(IterableDataset):
             e += 1
 
 
-def materialise(stream: datasets.IterableDataset, encode: Callable[[dict], dict], documents: int) -> datasets.Dataset:
+def materialise(stream: datasets.IterableDataset, encode: Callable[[dict], dict], documents: int,
+                on_decode_error: Callable[[], None] | None = None) -> datasets.Dataset:
     """The first `documents` documents of a stream as in-memory rows (the validation set of a streamed corpus)."""
-    rows = list(packed_rows(islice(stream, documents), encode))
+    rows = list(packed_rows(islice(stream, documents), encode, on_decode_error))
     if not rows:
         raise DiffuseError("data.streaming: the validation stream holds no text")
     return datasets.Dataset.from_dict({k: [r[k].tolist() for r in rows] for k in rows[0]}).with_format("torch")

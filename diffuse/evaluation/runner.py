@@ -43,13 +43,22 @@ def load_checkpoint(path: str, device, key: str = "ckpt") -> Checkpoint:
 def eval_data_config(train_data: dict, data: dict | None, overridden: set[str] = frozenset()) -> dict:
     """The checkpoint's own data config, or the `data=` group given, whose DataModule keys (seq_len,
     batch sizes, BOS/EOS, packing) follow the checkpoint unless set on the command line: the model
-    is evaluated on the context it was trained for."""
+    is evaluated on the context it was trained for.
+
+    A file (or folder) given as `data.path` is evaluated whole: it becomes the validation split
+    (`val_path`), not the seeded val_fraction of it that training would hold out, and it is read in full
+    rather than streamed. `data.val_path` or `data.val_fraction` given as well keep their training meaning."""
     if not data:
         return dict(train_data)
     out = dict(data)
     for key in DATAMODULE_KEYS:
         if key in train_data and key not in overridden:
             out[key] = train_data[key]
+    named = out.get("path") is not None and "val_path" in out and out["val_path"] is None
+    if named and "val_fraction" not in overridden:
+        out["val_path"] = out["path"]
+        if "streaming" not in overridden:
+            out["streaming"] = False  # a stream's validation is its first data.stream_val_docs documents only
     return out
 
 

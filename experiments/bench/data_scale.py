@@ -6,13 +6,16 @@ bounded memory.
 
 Builds a synthetic corpus of the requested size in a fresh temp folder (`--workdir`, default /tmp): seeded,
 shuffled repeats of the paragraphs of ../shared/data/tinyshakespeare/input.txt and
-../shared/data/wikitext-2/{valid,test}.txt, streamed into 256 MB files. Then runs, as subprocesses with a
+../shared/data/wikitext-2/{valid,test}.txt, streamed into 256 MB files. Without ../shared/data (or with
+`--text embedded`) the paragraphs are those of diffuse's embedded corpus (CPython's documentation topics, written
+to the temp folder at run time), which then also stands in for Tiny Shakespeare; the report says which text it used. Then runs, as subprocesses with a
 fresh paths.cache_dir (and HF_DATASETS_CACHE) in that folder (the corpus's Arrow copy goes to <cache_dir>/datasets):
 
   prepare       python -m diffuse.prepare data=text data.path=<corpus> tokenizer=byte data.seq_len=256
   prepare again the same: must reuse the cache; its wall time is the second-run start-up
   train big     python -m diffuse.train, same data, a 64-wide 2-layer model, --steps steps
-  train tiny    the same training on Tiny Shakespeare alone (prepared first, untimed): the memory reference
+  train tiny    the same training on Tiny Shakespeare (or the embedded text) alone (prepared first, untimed): the
+                memory reference
 
 Each is timed (wall; "to train" = until the "[2/3] train" log line) and its memory sampled every 0.2 s
 from /proc: the peak RSS and PSS summed over the process and all its descendants (forked tokenizer
@@ -48,10 +51,25 @@ PAGE = os.sysconf("SC_PAGE_SIZE")
 TARGET_RATIO, TARGET_STARTUP_S = 1.5, 10.0
 
 
-def build_corpus(folder: Path, target: int, file_bytes: int, seed: int) -> int:
+def source_texts(choice: str, work: Path) -> tuple[list[Path], str]:
+    """The files whose paragraphs make the corpus (the first is the tiny run's text), and what they are."""
+    if choice == "shared" or (choice == "auto" and all(f.is_file() for f in SOURCES)):
+        missing = [str(f) for f in SOURCES if not f.is_file()]
+        if missing:
+            sys.exit(f"--text shared: {', '.join(missing)} not found")
+        return SOURCES, f"{DATA}: Tiny Shakespeare, WikiText-2 valid and test"
+    from diffuse.data.sources import embedded_text
+
+    path = work / "embedded.txt"
+    path.write_text(embedded_text(), encoding="utf-8")
+    why = "asked for" if choice == "embedded" else f"{DATA} is absent"
+    return [path], f"diffuse's embedded corpus (CPython's documentation topics, {path.stat().st_size / 1e6:.2f} MB; {why})"
+
+
+def build_corpus(folder: Path, target: int, file_bytes: int, seed: int, sources: list[Path] = SOURCES) -> int:
     """Shuffled passes over the source paragraphs, streamed into part-NNN.txt files of ~file_bytes; the bytes."""
     paras = []
-    for f in SOURCES:
+    for f in sources:
         paras += [p.strip("\n").encode() + b"\n\n" for p in re.split(r"\n[ \t]*\n", f.read_text("utf-8")) if p.strip()]
     rng, written, index, out, in_file = random.Random(seed), 0, 0, None, 0
     folder.mkdir(parents=True)
@@ -167,6 +185,9 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, help="passed as data.num_proc=N (default: the config's)")
     parser.add_argument("--steps", type=int, default=20, help="training steps of the two training runs")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--text", choices=["auto", "shared", "embedded"], default="auto",
+                        help="the corpus's paragraphs: ../shared/data (shared), the embedded corpus, or auto: "
+                             "shared when present, else embedded")
     parser.add_argument("--workdir", default=tempfile.gettempdir(), help="a fresh data_scale-* folder is made here")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
     parser.add_argument("--keep", action="store_true", help="keep the corpus, caches and run dirs")
@@ -179,9 +200,11 @@ def main() -> None:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
            "TOKENIZERS_PARALLELISM": "false", "WANDB_MODE": "offline", "HF_DATASETS_CACHE": str(work / "hf_datasets")}
     try:
+        sources, text = source_texts(args.text, work)
+        print(f"== text: {text}", flush=True)
         print(f"== corpus: {target / 1e6:.0f} MB into {corpus}", flush=True)
         tic = time.perf_counter()
-        corpus_bytes = build_corpus(corpus, target, int(args.file_mb * 1e6), args.seed)
+        corpus_bytes = build_corpus(corpus, target, int(args.file_mb * 1e6), args.seed, sources)
         build_s = time.perf_counter() - tic
         n_files = len(list(corpus.iterdir()))
         print(f"   {corpus_bytes / 1e6:.1f} MB in {n_files} file(s), {build_s:.1f} s", flush=True)
@@ -192,7 +215,7 @@ def main() -> None:
         train = ["model.d_model=64", "model.n_layers=2", f"trainer.max_steps={args.steps}",
                  f"trainer.val_check_interval={args.steps}", "trainer.limit_val_batches=2", "num_samples=0",
                  "callbacks.progress_bar=null"]
-        big, tiny = [f"data.path={corpus}", *data], [f"data.path={SOURCES[0]}", *data]
+        big, tiny = [f"data.path={corpus}", *data], [f"data.path={sources[0]}", *data]
 
         phases = [run("prepare", ["diffuse.prepare", *big], logs / "prepare.log", env)]
         phases[0]["mb_per_s"] = corpus_bytes / 1e6 / phases[0]["wall_s"]
@@ -221,12 +244,13 @@ def main() -> None:
                f"{verdict(startup <= TARGET_STARTUP_S and by['prepare again']['reused'])})")
     meta = {"command": " ".join(["python", *sys.argv]), "date": dt.datetime.now().isoformat(timespec="seconds"),
             "cores": os.cpu_count(), "machine": f"{platform.node()} {platform.machine()} {platform.platform()}",
-            "corpus_mb": corpus_bytes / 1e6, "corpus_files": n_files, "corpus_build_s": build_s,
+            "text": text, "corpus_mb": corpus_bytes / 1e6, "corpus_files": n_files, "corpus_build_s": build_s,
             "tokenizer": args.tokenizer, "num_proc": args.num_proc, "steps": args.steps,
             "prepared_cache_mb": prepared_bytes / 1e6, "datasets_arrow_cache_mb": arrow_bytes / 1e6,
             "workdir": str(work) if args.keep else None}
     report = (f"# Prepared data at scale\n\n`{meta['command']}`\n\n{meta['date']}, {meta['cores']} cores "
-              f"({meta['machine']}); corpus {meta['corpus_mb']:.1f} MB in {n_files} file(s) (built in {build_s:.1f} s), "
+              f"({meta['machine']}); corpus {meta['corpus_mb']:.1f} MB in {n_files} file(s) (built in {build_s:.1f} s "
+              f"from {text}), "
               f"tokenizer={args.tokenizer}, seq_len 256, data.num_proc={args.num_proc or 'config default'}; "
               f"prepared cache {prepared_bytes / 1e6:.1f} MB, datasets Arrow cache {arrow_bytes / 1e6:.1f} MB.\n\n"
               f"{table(phases)}\n\n{summary}\n\nPeak tree RSS/PSS: sampled every 0.2 s over the process and its "
