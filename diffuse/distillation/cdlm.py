@@ -29,6 +29,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from diffuse.contracts import Absorbing, block_size_of, check_contract
+from diffuse.core.checks import check_range
 from diffuse.core.noise import batch_draw
 from diffuse.distillation import trajectories as traj
 from diffuse.distillation.plan import Round
@@ -123,6 +124,7 @@ class CDLM(nn.Module):
         """One round: record the teacher's trajectories into the round's run dir, then train the student."""
         if int(cfg.rounds) != 1:
             raise DiffuseError(f"rounds={cfg.rounds}: method=cdlm trains one student (rounds=1)")
+        check_plan(method)
         b = int(method["block_size"])
         teacher = str(cfg.teacher)
         path = Path(out_dir) / "round1" / "trajectories.pt"
@@ -137,6 +139,19 @@ class CDLM(nn.Module):
         return [Round(init_from=teacher, distill={**spec, "teacher": teacher, "trajectories": str(path)},
                       changes={"objective.block_size": b, "sampler": sampler}, steps=b, total=1, prepare=prepare,
                       describe=f"CDLM student: blocks of {b}, threshold {method.get('threshold')}")]
+
+
+def check_plan(method: dict) -> None:
+    """The keys the round plan reads, checked before the teacher records anything (minutes later the student's
+    sampler and objective would check some of them, after the recording)."""
+    for key, low in (("block_size", 1), ("num_trajectories", 1), ("gen_length", 1), ("prompt_length", 0),
+                     ("top_k", 1)):
+        if key in method:
+            check_range(f"method.{key}", method[key], low, integer=True)
+    if "temperature" in method:
+        check_range("method.temperature", method["temperature"], 0)
+    if "threshold" in method:
+        check_range("method.threshold", method["threshold"], 0, 1, low_open=True, null="k tokens per step")
 
 
 def record_for(teacher: str, teacher_cfg: dict, method: dict, path: Path) -> None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from diffuse.contracts import Absorbing
+from diffuse.core.checks import check_range
 from diffuse.core.noise import batch_draw
 from diffuse.distillation.divergences import pick_divergence
 from diffuse.distillation.plan import Round, previous_student
@@ -111,6 +112,7 @@ class SDTT(nn.Module):
         R, steps, k = int(cfg.rounds), int(cfg.steps), int(method.get("k", 2))
         if R < 1:
             raise DiffuseError(f"rounds={cfg.rounds} must be ≥ 1")
+        check_range("steps", steps, 1, integer=True)  # the teacher's sampling steps
         if k < 2:
             raise DiffuseError(f"method.k={k} must be an integer ≥ 2 (teacher steps per student step)")
         if steps % k**R:

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from diffuse.core.checks import check_range
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout, attention_mask
 from diffuse.registry import MODELS
@@ -41,6 +42,8 @@ class HFCausalLM(nn.Module):
         compile: bool = False,
     ):
         super().__init__()
+        check_range("model.d_model", d_model, 1, integer=True, null="config.hidden_size")
+        check_range("model.n_layers", n_layers, 1, integer=True, null="config.num_hidden_layers")
         from transformers import AutoModelForCausalLM
 
         torch_dtype = getattr(torch, str(dtype), None)

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffuse.core.checks import check_order, check_range, in_range
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import TimestepEmbedding, TokenEnds
 from diffuse.models.ssd import reverse_within_runs, segment_runs, ssd_scan
@@ -212,6 +213,16 @@ class Mamba2(TokenEnds):
         use_kernels: str | bool = "auto",
     ):
         super().__init__()
+        for key, value in (("d_model", d_model), ("n_layers", n_layers), ("d_state", d_state), ("expand", expand),
+                           ("headdim", headdim), ("ngroups", ngroups)):
+            check_range(f"model.{key}", value, 1, integer=True)
+        if not (len(A_init_range) == 2 and all(in_range(a, 0, low_open=True) for a in A_init_range)
+                and A_init_range[0] <= A_init_range[1]):
+            raise DiffuseError(f"model.A_init_range={list(A_init_range)} must be two numbers 0 < low ≤ high")
+        check_range("model.dt_min", dt_min, 0, low_open=True)
+        check_range("model.dt_max", dt_max, 0, low_open=True)
+        check_order("model.dt_min", dt_min, "model.dt_max", dt_max)
+        check_range("model.dt_init_floor", dt_init_floor, 0)
         if not 2 <= d_conv <= 4:
             raise DiffuseError(f"model.d_conv={d_conv} must be 2, 3 or 4 (mamba-ssm's conv kernels allow no other)")
         if chunk_size < 1:

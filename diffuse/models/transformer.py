@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from diffuse.core.checks import check_range
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import (
     BlockLayout,
@@ -170,6 +171,11 @@ class Transformer(TokenEnds):
         attention: str = "sdpa",
     ):
         super().__init__()
+        for key, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
+            check_range(f"model.{key}", value, 1, integer=True)
+        check_range("model.mlp_ratio", mlp_ratio, 0, low_open=True)
+        check_range("model.dropout", dropout, 0, 1, high_open=True)
+        check_range("model.rope_base", rope_base, 1, low_open=True)
         if d_model % n_heads or (d_model // n_heads) % 2:
             raise DiffuseError(f"model.d_model={d_model} must split into model.n_heads={n_heads} even-sized heads")
         if attention not in ATTENTION:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from diffuse.core.checks import check_range
 from diffuse.errors import DiffuseError
 from diffuse.objectives.absorbing import AbsorbingObjective
 from diffuse.objectives.base import SpecialTokens, noisable_positions
@@ -33,6 +34,7 @@ class LLaDA(AbsorbingObjective):
     def __init__(self, special: SpecialTokens, schedule: Schedule | None = None, eps: float = 1e-3,
                  min_mask_ratio: float = 0.0, max_mask_ratio: float = 1.0, importance_weighting: bool = True,
                  mask_token_id: int | None = None, mask_eos: bool = False, block_size: int | None = None):
+        check_range("objective.mask_token_id", mask_token_id, 0, integer=True, null="the tokenizer's [MASK]")
         if mask_token_id is not None:  # e.g. a pretrained LLaDA checkpoint's config.mask_token_id
             special = SpecialTokens(special.pad, special.bos, special.eos, int(mask_token_id))
         if special.mask is None:

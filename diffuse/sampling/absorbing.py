@@ -50,6 +50,7 @@ from collections.abc import Callable
 import torch
 
 from diffuse.contracts import ABSORBING, NoisingObjective
+from diffuse.core.checks import check_range
 from diffuse.errors import DiffuseError
 from diffuse.sampling.base import (
     RowCost,
@@ -145,6 +146,7 @@ class AbsorbingSampler:
             raise DiffuseError(f"sampler.block_length={block_length} must be positive (or null: one block)")
         if cfg_scale < 0:
             raise DiffuseError(f"sampler.cfg_scale={cfg_scale} must be ≥ 0")
+        check_range("sampler.eps", eps, 0, 1, high_open=True)  # the end of the time grid 1 → eps
         self.rule, self.steps, self.temperature, self.eps = rule, int(steps), check_temperature(temperature), eps
         self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
         self.block_length = None if block_length is None else int(block_length)

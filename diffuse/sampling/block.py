@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 
 from diffuse.contracts import BLOCK_ABSORBING, Absorbing, Blockwise, Cached, block_size_of
+from diffuse.core.checks import check_range
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout
 from diffuse.registry import SAMPLERS
@@ -60,6 +61,7 @@ class BlockSampler:
             raise DiffuseError(f"sampler.threshold={threshold} must lie in (0, 1] (or null: k per step)")
         if remasking not in REMASKING:
             raise DiffuseError(f"sampler.remasking={remasking!r} must be low_confidence or random")
+        check_range("sampler.eps", eps, 0, 1, high_open=True)  # the end of each block's time grid 1 → eps
         self.steps, self.temperature, self.eps = int(steps), check_temperature(temperature), eps
         self.use_cache = use_cache  # None: the cache when the backbone has one (model=hf has none)
         self.rule = (CommitTopK(one_per_step, "low_confidence", float(threshold)) if threshold is not None

@@ -12,6 +12,7 @@ Defaults are those of conf/sampler/ancestral.yaml and conf/sampler/remask.yaml.
 
 from __future__ import annotations
 
+from diffuse.core.checks import check_range
 from diffuse.registry import SAMPLERS
 from diffuse.sampling.absorbing import (
     AbsorbingSampler,
@@ -36,6 +37,7 @@ class RemaskSampler(AbsorbingSampler):
     def __init__(self, steps: int = 64, schedule: str = "cosine_maskgit", temperature: float = 1.0,
                  remasking: str = "low_confidence", confidence_threshold: float | None = None, eps: float = 1e-3,
                  top_k: int | None = None, top_p: float | None = None):
+        check_range("sampler.confidence_threshold", confidence_threshold, 0, 1, low_open=True, null="no threshold")
         schedule = build_schedule(schedule)
         rule = CommitTopK(schedule_share(schedule), remasking, confidence_threshold)
         super().__init__(rule, steps=steps, schedule=schedule, temperature=temperature, eps=eps, top_k=top_k,

@@ -29,6 +29,8 @@ import torch
 from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 from torch.optim.swa_utils import get_ema_multi_avg_fn
 
+from diffuse.core.checks import check_range
+
 log = logging.getLogger("diffuse")
 
 
@@ -59,6 +61,11 @@ def resume_without_ema(trainer, checkpoint: dict) -> None:
 class EMA(EMAWeightAveraging):
     def __init__(self, decay: float = 0.999, update_every_n_steps: int = 1, update_starting_at_step: int | None = None,
                  use_buffers: bool = True, device: str | None = None):
+        # decay = 1 would keep the initial weights for good (validation, best.ckpt, samples, export all untrained)
+        check_range("callbacks.ema.decay", decay, 0, 1, high_open=True)
+        check_range("callbacks.ema.update_every_n_steps", update_every_n_steps, 1, integer=True)
+        check_range("callbacks.ema.update_starting_at_step", update_starting_at_step, 0, integer=True,
+                    null="from the first step")
         super().__init__(device=device, use_buffers=use_buffers, decay=decay, update_every_n_steps=update_every_n_steps,
                          update_starting_at_step=update_starting_at_step)
         self.decay = float(decay)
