@@ -22,7 +22,7 @@ SENTENCES = ("the cat sat on the mat.", "the dog ran to the old tree.", "a small
 OBJECTIVES = {
     "masked_discrete": (),
     "autoregressive": ("objective=autoregressive", "sampler=ar"),
-    "llada": ("objective=llada", "sampler=llada", "sampler.block_length=4"),
+    "llada": ("objective=llada", "sampler=llada", "sampler.span_length=4"),
     "continuous": ("objective=continuous", "sampler=ddim"),
 }
 STEPS = {"autoregressive": 40}  # the judge learns the corpus; the others need only a checkpoint

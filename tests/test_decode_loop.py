@@ -54,11 +54,11 @@ def commits_per_step(sampler, length: int) -> list[int]:
 
 def test_llada_linear_gives_the_remainder_to_the_first_steps_as_the_reference():
     """LLaDA's get_num_transfer_tokens: base = n // steps, the first n % steps steps commit one more."""
-    assert commits_per_step(llada.LLaDASampler(steps=4, block_length=None), 10) == [3, 3, 2, 2]
-    assert commits_per_step(llada.LLaDASampler(steps=5, block_length=None), 12) == [3, 3, 2, 2, 2]
+    assert commits_per_step(llada.LLaDASampler(steps=4, span_length=None), 10) == [3, 3, 2, 2]
+    assert commits_per_step(llada.LLaDASampler(steps=5, span_length=None), 12) == [3, 3, 2, 2, 2]
     # per block: two blocks of 10 with 4 steps each
-    assert commits_per_step(llada.LLaDASampler(steps=8, block_length=10), 20) == [3, 3, 2, 2] * 2
-    assert commits_per_step(llada.LLaDASampler(steps=4, block_length=None), 8) == [2, 2, 2, 2]
+    assert commits_per_step(llada.LLaDASampler(steps=8, span_length=10), 20) == [3, 3, 2, 2] * 2
+    assert commits_per_step(llada.LLaDASampler(steps=4, span_length=None), 8) == [2, 2, 2, 2]
 
 
 def test_remask_keeps_the_round_rule():
@@ -70,7 +70,7 @@ def test_remask_keeps_the_round_rule():
 @pytest.mark.parametrize("schedule", ["cosine", "cosine_maskgit"])
 def test_llada_with_another_schedule_is_the_remask_rule_in_blocks(schedule):
     model = tiny_transformer()
-    one_block = llada.LLaDASampler(steps=6, block_length=None, schedule=schedule)
+    one_block = llada.LLaDASampler(steps=6, span_length=None, schedule=schedule)
     remask = masked.RemaskSampler(steps=6, schedule=schedule)
     a = one_block.generate(model, OBJECTIVE, [[3, 4], [5]], 9, seed=2)
     b = remask.generate(model, OBJECTIVE, [[3, 4], [5]], 9, seed=2)
@@ -80,7 +80,7 @@ def test_llada_with_another_schedule_is_the_remask_rule_in_blocks(schedule):
 
 def test_threshold_commits_one_a_step_when_nothing_reaches_tau_and_the_last_step_the_rest():
     assert commits_per_step(llada.ThresholdSampler(threshold=0.9, steps=4), 7) == [1, 1, 1, 4]
-    assert commits_per_step(llada.ThresholdSampler(threshold=0.9, steps=4, block_length=3), 6) == [1, 2, 1, 2]
+    assert commits_per_step(llada.ThresholdSampler(threshold=0.9, steps=4, span_length=3), 6) == [1, 2, 1, 2]
 
 
 def test_rand_rows_draws_nothing_for_waiting_rows():

@@ -30,7 +30,7 @@ def llada_ckpt(corpus, tmp_path_factory):
 
 def test_sample_takes_a_knob_of_the_checkpoints_own_sampler(llada_ckpt, tmp_path):
     result = call_main("diffuse.sample", f"ckpt={llada_ckpt}", "num_samples=1", "length=16", "sampler.steps=4",
-                       "sampler.block_length=8", f"hydra.run.dir={tmp_path}")
+                       "sampler.span_length=8", f"hydra.run.dir={tmp_path}")
     assert result.returncode == 0, result
     row = json.loads((tmp_path / "samples.jsonl").read_text().splitlines()[0])
     assert row["sampler"] == "llada" and row["nfe"] == 4

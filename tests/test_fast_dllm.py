@@ -45,7 +45,7 @@ def test_first_pass_of_each_block_is_the_no_cache_pass_and_one_layer_is_exact(mo
     """The first pass of every block runs the whole canvas: its log-probs are the no-cache ones. The other
     passes are approximate from the second layer on (the cached K/V saw older masks); a one-layer model's
     K/V depend only on each position's own token, and only the block changes inside a block: exact."""
-    sampler = LLaDASampler(steps=12, block_length=4, cache=cache, cfg_scale=cfg_scale)
+    sampler = LLaDASampler(steps=12, span_length=4, cache=cache, cfg_scale=cfg_scale)
     for layers in (2, 1):
         seen = record_passes(monkeypatch)
         model = tiny_transformer(n_layers=layers)
@@ -69,23 +69,23 @@ def test_first_pass_of_each_block_is_the_no_cache_pass_and_one_layer_is_exact(mo
 def test_exact_cases_give_the_uncached_tokens(cache):
     """A one-layer model (any steps), or one step per block (every pass a full one): the same tokens."""
     one_layer = tiny_transformer(n_layers=1)
-    for sampler in (LLaDASampler(steps=16, block_length=4, remasking="random"),
-                    ThresholdSampler(threshold=0.06, steps=16, block_length=4)):
+    for sampler in (LLaDASampler(steps=16, span_length=4, remasking="random"),
+                    ThresholdSampler(threshold=0.06, steps=16, span_length=4)):
         ref = sampler.generate(one_layer, OBJECTIVE, PROMPTS, 16, seed=1)
         sampler.cache = cache
         out = sampler.generate(one_layer, OBJECTIVE, PROMPTS, 16, seed=1)
         assert torch.equal(out.tokens, ref.tokens) and torch.equal(out.row_nfe, ref.row_nfe)
     two_layers = tiny_transformer(n_layers=2)
-    ref = LLaDASampler(steps=4, block_length=4).generate(two_layers, OBJECTIVE, PROMPTS, 16, seed=2)
-    out = LLaDASampler(steps=4, block_length=4, cache=cache).generate(two_layers, OBJECTIVE, PROMPTS, 16, seed=2)
+    ref = LLaDASampler(steps=4, span_length=4).generate(two_layers, OBJECTIVE, PROMPTS, 16, seed=2)
+    out = LLaDASampler(steps=4, span_length=4, cache=cache).generate(two_layers, OBJECTIVE, PROMPTS, 16, seed=2)
     assert torch.equal(out.tokens, ref.tokens) and out.nfe == ref.nfe == 4 and out.positions == ref.positions
 
 
 @pytest.mark.parametrize("cache", ["prefix", "dual"])
 def test_batch_equals_singles_with_prompts_of_different_lengths(cache):
     model = tiny_transformer(n_layers=2)
-    for sampler in (LLaDASampler(steps=8, block_length=4, cache=cache),
-                    ThresholdSampler(threshold=0.06, steps=12, block_length=4, cache=cache)):
+    for sampler in (LLaDASampler(steps=8, span_length=4, cache=cache),
+                    ThresholdSampler(threshold=0.06, steps=12, span_length=4, cache=cache)):
         batch = sampler.generate(model, OBJECTIVE, PROMPTS, 12, seed=5)
         for i, p in enumerate(PROMPTS):
             alone = sampler.generate(model, OBJECTIVE, [p], 12, seed=5 + i)
@@ -99,17 +99,17 @@ def test_positions_fed_per_cache():
     model = tiny_transformer()
     expect = {None: 16 * 23, "prefix": sum(23 + 3 * (23 - c) for c in (7, 11, 15, 19)), "dual": 4 * (23 + 3 * 4)}
     for cache, positions in expect.items():
-        out = LLaDASampler(steps=16, block_length=4, cache=cache).generate(model, OBJECTIVE, PROMPTS, 16)
+        out = LLaDASampler(steps=16, span_length=4, cache=cache).generate(model, OBJECTIVE, PROMPTS, 16)
         assert (out.nfe, out.positions) == (16, positions)
         assert out.row_nfe.tolist() == [16] * 4
-        guided = LLaDASampler(steps=16, block_length=4, cache=cache, cfg_scale=1.0).generate(
+        guided = LLaDASampler(steps=16, span_length=4, cache=cache, cfg_scale=1.0).generate(
             model, OBJECTIVE, PROMPTS, 16)
         assert (guided.nfe, guided.positions) == (32, 2 * positions)
     assert expect["dual"] < expect["prefix"] < expect[None]
 
 
 def test_one_block_caches_the_prompt_and_dual_equals_prefix():
-    """block_length null: the span is one block; prefix feeds the span after the first pass, and dual
+    """span_length null: the span is one block; prefix feeds the span after the first pass, and dual
     (an empty suffix) is the same thing."""
     model = tiny_transformer()
     outs = {c: ThresholdSampler(threshold=0.06, steps=8, cache=c).generate(model, OBJECTIVE, PROMPTS, 8, seed=3)
@@ -127,7 +127,7 @@ def test_refusals_are_one_line():
     for model, what in ((mamba, "model=mamba2 keeps a recurrent state"),
                         (ZeroBackbone(), "model=ZeroBackbone has no KV cache")):
         with pytest.raises(DiffuseError) as err:
-            LLaDASampler(steps=4, block_length=4, cache="dual").generate(model, OBJECTIVE, PROMPTS, 8)
+            LLaDASampler(steps=4, span_length=4, cache="dual").generate(model, OBJECTIVE, PROMPTS, 8)
         msg = str(err.value)
         assert what in msg and "use sampler.cache=null" in msg and "\n" not in msg, msg
 
@@ -162,7 +162,7 @@ def test_trained_model_cached_tokens_mostly_agree(cycle_model):
     prompts = [data[i, : 1 + i % 4].tolist() for i in range(8)]
     truth = torch.stack([data[i, 1 + i % 4 : 1 + i % 4 + 16] for i in range(8)])
     for temperature in (0.0, 1.0):
-        outs = {c: LLaDASampler(steps=16, block_length=4, temperature=temperature, cache=c).generate(
+        outs = {c: LLaDASampler(steps=16, span_length=4, temperature=temperature, cache=c).generate(
             cycle_model, OBJECTIVE, prompts, 16, seed=0) for c in (None, "prefix", "dual")}
         assert (outs[None].tokens == truth).float().mean() > 0.9  # the model learnt the cycle
         for c in ("prefix", "dual"):

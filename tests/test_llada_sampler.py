@@ -42,7 +42,7 @@ def objective():
 def test_commitments_are_final_blocks_go_left_to_right_and_every_mask_is_filled(objective, remasking):
     model = Recorder(tiny_transformer())
     length, block = 8, 4
-    sampler = LLaDASampler(steps=8, block_length=block, remasking=remasking)
+    sampler = LLaDASampler(steps=8, span_length=block, remasking=remasking)
     out = sampler.generate(model, objective, [PROMPTS[0]], length, seed=0)
     start = 1 + len(PROMPTS[0])
     spans = [z[0, start:start + length] for z in model.seen] + [out.tokens[0]]
@@ -58,16 +58,16 @@ def test_commitments_are_final_blocks_go_left_to_right_and_every_mask_is_filled(
 
 
 def test_steps_are_split_evenly_across_blocks():
-    assert LLaDASampler(steps=7, block_length=4).blocks(10) == [(0, 4, 3), (4, 8, 2), (8, 10, 2)]
-    assert LLaDASampler(steps=4, block_length=None).blocks(6) == [(0, 6, 4)]
-    with pytest.raises(DiffuseError, match="block_length"):
-        LLaDASampler(steps=2, block_length=2).blocks(8)
+    assert LLaDASampler(steps=7, span_length=4).blocks(10) == [(0, 4, 3), (4, 8, 2), (8, 10, 2)]
+    assert LLaDASampler(steps=4, span_length=None).blocks(6) == [(0, 6, 4)]
+    with pytest.raises(DiffuseError, match="span_length"):
+        LLaDASampler(steps=2, span_length=2).blocks(8)
 
 
-@pytest.mark.parametrize("sampler", [LLaDASampler(steps=6, block_length=3, temperature=1.0),
-                                     LLaDASampler(steps=6, block_length=3, remasking="random"),
-                                     ThresholdSampler(threshold=0.3, steps=6, block_length=3, temperature=1.0),
-                                     LLaDASampler(steps=6, block_length=3, temperature=0.0, cfg_scale=1.5)],
+@pytest.mark.parametrize("sampler", [LLaDASampler(steps=6, span_length=3, temperature=1.0),
+                                     LLaDASampler(steps=6, span_length=3, remasking="random"),
+                                     ThresholdSampler(threshold=0.3, steps=6, span_length=3, temperature=1.0),
+                                     LLaDASampler(steps=6, span_length=3, temperature=0.0, cfg_scale=1.5)],
                          ids=["llada", "llada-random", "threshold", "llada-cfg"])
 def test_batch_of_prompts_of_different_lengths_equals_singles(objective, sampler):
     """Row r of a batch drawn with seed s is the single sample drawn with seed s + r (base.row_generators),
@@ -97,12 +97,12 @@ class Sharpened(nn.Module):
         return self.inner.logits(hidden) * self.scale
 
 
-@pytest.mark.parametrize("block_length", [None, 4])
-def test_threshold_rows_that_finish_early_match_their_single_samples(objective, block_length):
+@pytest.mark.parametrize("span_length", [None, 4])
+def test_threshold_rows_that_finish_early_match_their_single_samples(objective, span_length):
     """A row done with its block waits for the batch: it must not use up random draws (it would decode
     its next block differently from the same sample alone), and its cost is its own passes, not the batch's."""
     model = Sharpened(tiny_transformer(), 30.0)
-    sampler = ThresholdSampler(threshold=0.3, steps=12, block_length=block_length, temperature=1.0)
+    sampler = ThresholdSampler(threshold=0.3, steps=12, span_length=span_length, temperature=1.0)
     batch = sampler.generate(model, objective, PROMPTS, 12, seed=3)
     alone = [sampler.generate(model, objective, [p], 12, seed=3 + r) for r, p in enumerate(PROMPTS)]
     assert [batch.tokens[r].tolist() for r in range(3)] == [a.tokens[0].tolist() for a in alone]
@@ -133,7 +133,7 @@ def test_threshold_uses_fewer_forward_passes_when_confident(objective):
 def test_guidance_runs_an_unconditional_pass_with_the_prompt_masked(objective):
     prompt, length = [3, 4, 5], 4
     model = FixedLogits(peaked_logits(1 + len(prompt) + length, 6, 0.5))
-    out = LLaDASampler(steps=4, block_length=None, cfg_scale=2.0).generate(model, objective, [prompt], length)
+    out = LLaDASampler(steps=4, span_length=None, cfg_scale=2.0).generate(model, objective, [prompt], length)
     assert out.nfe == 8 == len(model.seen)
     cond, uncond = model.seen[0][0], model.seen[1][0]
     assert cond[1:4].tolist() == prompt and (uncond[1:4] == SPECIAL.mask).all() and uncond[0] == SPECIAL.bos
@@ -143,21 +143,21 @@ def test_generation_stops_at_eos_and_reports_lengths(objective):
     prompt, length = [3], 6
     logits = peaked_logits(1 + len(prompt) + length, 7, 0.9)
     logits[0, 1 + len(prompt) + 2, SPECIAL.eos] = 10.0  # the third generated slot is EOS
-    out = LLaDASampler(steps=6, block_length=None, temperature=0.0).generate(FixedLogits(logits), objective,
+    out = LLaDASampler(steps=6, span_length=None, temperature=0.0).generate(FixedLogits(logits), objective,
                                                                             [prompt], length)
     assert out.lengths.tolist() == [2] and out.tokens[0, 2:].eq(SPECIAL.pad).all()
 
 
 def test_works_for_masked_discrete_too():
     md = MaskedDiscrete(build_schedule("linear"), SPECIAL)
-    out = LLaDASampler(steps=4, block_length=2).generate(tiny_transformer(), md, [[3, 4]], 4)
+    out = LLaDASampler(steps=4, span_length=2).generate(tiny_transformer(), md, [[3, 4]], 4)
     assert (out.tokens != SPECIAL.mask).all() and out.nfe == 4
 
 
 def test_bad_settings_fail_in_one_line():
     with pytest.raises(DiffuseError, match="threshold"):
         ThresholdSampler(threshold=0.0)
-    with pytest.raises(DiffuseError, match="block_length"):
-        LLaDASampler(block_length=0)
+    with pytest.raises(DiffuseError, match="span_length"):
+        LLaDASampler(span_length=0)
     with pytest.raises(DiffuseError, match="remasking"):
         LLaDASampler(remasking="entropy")

@@ -47,3 +47,33 @@ def test_old_checkpoint_naming_a_sampler_that_never_fitted_loads_with_the_object
         _, _, module = load_run(str(path))
     assert module.sampler.registry_name == "llada"
     assert any("sampler=ddim" in r.getMessage() and "using sampler=llada" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("objective, sampler, renamed", [
+    ("llada", {"name": "llada", "steps": 4, "block_length": 8}, ("span_length", 8)),
+    ("llada", {"steps": 4, "block_length": 8}, ("span_length", 8)),  # no name: the objective's own (llada)
+    ("llada", {"name": "threshold", "block_length": 4}, ("span_length", 4)),
+    ("continuous", {"name": "ddim", "temperature": 0.5}, ("noise_scale", 0.5)),
+])
+def test_sampler_keys_renamed_since_are_read_under_their_new_names(objective, sampler, renamed):
+    """`sampler.block_length` (llada, threshold) is `span_length` now, not to be confused with training's
+    `objective.block_size`; DDIM's `temperature` scaled noise, not a softmax: `noise_scale`."""
+    from diffuse.run.checkpoint import stored_config
+
+    ckpt = {"diffuse": {"config": {"objective": {"name": objective}, "sampler": dict(sampler)}}}
+    upgraded = stored_config(ckpt)["sampler"]
+    key, value = renamed
+    assert upgraded[key] == value and set(upgraded) == (set(sampler) - {"block_length", "temperature"}) | {key}
+
+
+def test_an_old_checkpoint_naming_block_length_samples_with_it(tmp_path):
+    import torch
+
+    from diffuse.run.load import load_run
+
+    ckpt = torch.load(CKPT, weights_only=True)
+    ckpt["diffuse"]["config"]["sampler"] = {"name": "llada", "steps": 4, "block_length": 8}
+    path = tmp_path / "old_keys.ckpt"
+    torch.save(ckpt, path)
+    _, _, module = load_run(str(path))
+    assert module.sampler.span_length == 8 and module.sampler.steps == 4

@@ -89,9 +89,22 @@ def read_checkpoint(ckpt_path: str, key: str, map_location="cpu", mmap: bool = F
     return ckpt
 
 
+# sampler keys renamed since checkpoints were first written: {sampler: {old key: new key}}
+RENAMED_SAMPLER_KEYS = {"llada": {"block_length": "span_length"}, "threshold": {"block_length": "span_length"},
+                        "ddim": {"temperature": "noise_scale"}}
+
+
 def stored_config(ckpt: dict) -> dict:
-    """The run config a diffuse checkpoint (an already-read dict) carries; {} for other files."""
-    return (ckpt.get("diffuse") or {}).get("config") or {}
+    """The run config a diffuse checkpoint (an already-read dict) carries, under today's key names; {} for other
+    files."""
+    config = (ckpt.get("diffuse") or {}).get("config") or {}
+    sampler = config.get("sampler") or {}
+    # no name: the objective's own sampler (llada's is llada, continuous's is ddim)
+    name = sampler.get("name") or {"continuous": "ddim"}.get((config.get("objective") or {}).get("name"), "llada")
+    renames = {old: new for old, new in RENAMED_SAMPLER_KEYS.get(name, {}).items() if old in sampler}
+    if renames:
+        config["sampler"] = {renames.get(k, k): v for k, v in sampler.items()}
+    return config
 
 
 def checkpoint_tokenizer(ckpt: dict, ckpt_path: str):

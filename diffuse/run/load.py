@@ -18,10 +18,11 @@ def load_run(ckpt_path: str, map_location="cpu", key: str = "ckpt"):
     meta = ckpt.get("diffuse")
     if not meta or not meta.get("tokenizer"):
         raise DiffuseError(f"{key}={ckpt_path} was not written by diffuse (no config/tokenizer inside)")
-    cfg = OmegaConf.create(meta["config"])
+    config = stored_config(ckpt)
+    cfg = OmegaConf.create(config)
     tokenizer = checkpoint_tokenizer(ckpt, ckpt_path)
     # a distilled student samples and evaluates without its teacher
-    module = build_module(cfg, tokenizer, run_config=meta["config"], sampler_origin="the checkpoint", inference=True)
+    module = build_module(cfg, tokenizer, run_config=config, sampler_origin="the checkpoint", inference=True)
     module.load_state_dict(inference_state_dict(ckpt))  # the EMA weights when the run averaged them (callbacks=ema)
     module.eval()
     return cfg, tokenizer, module

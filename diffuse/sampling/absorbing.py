@@ -2,7 +2,7 @@
 `threshold` are commit rules over it (registered in masked.py and llada.py).
 
 The generated span x ∈ (V ∪ {[MASK]})^length starts all [MASK] after [BOS, prompt…]. It is cut into
-blocks of `block_length` (None: one block, the whole span) decoded left to right; the `steps` are split
+blocks of `span_length` (None: one block, the whole span) decoded left to right; the `steps` are split
 across blocks as evenly as possible, earlier blocks first, and only the current block's masks are
 eligible. A block of N steps runs on its own time grid t_0 = 1 > … > t_N = ε (uniform in t). Step t → s:
 
@@ -138,29 +138,29 @@ class AbsorbingSampler:
     requires = (NoisingObjective,)  # `predict` on the canvas
 
     def __init__(self, rule, *, steps: int, schedule, temperature: float, eps: float,
-                 block_length: int | None = None, cfg_scale: float = 0.0, cache: str | None = None,
+                 span_length: int | None = None, cfg_scale: float = 0.0, cache: str | None = None,
                  top_k: int | None = None, top_p: float | None = None):
         if int(steps) <= 0:
             raise DiffuseError(f"sampler.steps={steps} must be positive")
-        if block_length is not None and int(block_length) <= 0:
-            raise DiffuseError(f"sampler.block_length={block_length} must be positive (or null: one block)")
+        if span_length is not None and int(span_length) <= 0:
+            raise DiffuseError(f"sampler.span_length={span_length} must be positive (or null: one block)")
         if cfg_scale < 0:
             raise DiffuseError(f"sampler.cfg_scale={cfg_scale} must be ≥ 0")
         check_range("sampler.eps", eps, 0, 1, high_open=True)  # the end of the time grid 1 → eps
         self.rule, self.steps, self.temperature, self.eps = rule, int(steps), check_temperature(temperature), eps
         self.schedule = schedule if isinstance(schedule, Schedule) else build_schedule(schedule)
-        self.block_length = None if block_length is None else int(block_length)
+        self.span_length = None if span_length is None else int(span_length)
         self.cfg_scale = float(cfg_scale)
         self.cache = check_cache(cache)
         self.top_k, self.top_p = check_truncation(top_k, top_p)  # proposals only; confidences stay untruncated
 
     def blocks(self, length: int) -> list[tuple[int, int, int]]:
         """(start, end, steps) per block; steps split as evenly as possible, earlier blocks first."""
-        size = min(self.block_length or length, length)
+        size = min(self.span_length or length, length)
         n = math.ceil(length / size)
         if self.steps < n:
             raise DiffuseError(f"sampler.steps={self.steps} is fewer than the {n} blocks of "
-                               f"sampler.block_length={size} in a length of {length}")
+                               f"sampler.span_length={size} in a length of {length}")
         per, extra = divmod(self.steps, n)
         return [(b * size, min(length, (b + 1) * size), per + (b < extra)) for b in range(n)]
 

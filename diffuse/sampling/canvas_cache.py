@@ -19,7 +19,7 @@ position's own token, and inside a block only the block's tokens change.
 Positions fed per row for a block of b tokens decoded in n passes, the block starting at column c:
 no cache n·W, prefix W + (n − 1)·(W − c), dual W + (n − 1)·b. A cached pass is still one forward pass (NFE).
 
-`block_length: null` makes the span one block: prefix then caches the prompt (BOS included) and dual
+`span_length: null` makes the span one block: prefix then caches the prompt (BOS included) and dual
 equals prefix (the suffix is empty).
 
 The cached canvas is left-padded, [PAD…, BOS, prompt…, MASK × length] (base.left_padded), so the span,

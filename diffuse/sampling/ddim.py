@@ -1,6 +1,6 @@
 """Deterministic DDIM for Gaussian embedding diffusion (objective=continuous).
 
-From x_T ~ N(0, temperature²·I) on the generated positions, on a grid of `steps` times k/T (T → 0):
+From x_T ~ N(0, noise_scale²·I) on the generated positions, on a grid of `steps` times k/T (T → 0):
     x̂0 = f(x_t, t);  ε̂ = (x_t − √ᾱ_t·x̂0) / √(1 − ᾱ_t);  x_s = √ᾱ_s·x̂0 + √(1 − ᾱ_s)·ε̂,
 the last step landing on s = 0, where x_s = x̂0. BOS and prompt positions are held at their clean
 embeddings on every step; `clamp` snaps x̂0 to the nearest token embedding each step (Diffusion-LM's
@@ -30,12 +30,12 @@ class DDIMSampler:
     processes = (GAUSSIAN,)
     requires = (Gaussian,)  # the embedding table, ᾱ(t), rounding: checked at build time
 
-    def __init__(self, steps: int = 10, clamp: bool = False, temperature: float = 1.0):
+    def __init__(self, steps: int = 10, clamp: bool = False, noise_scale: float = 1.0):
         if int(steps) <= 0:
             raise DiffuseError(f"sampler.steps={steps} must be positive")
-        if temperature < 0:
-            raise DiffuseError(f"sampler.temperature={temperature} must be ≥ 0")
-        self.steps, self.clamp, self.temperature = int(steps), bool(clamp), float(temperature)
+        if noise_scale < 0:
+            raise DiffuseError(f"sampler.noise_scale={noise_scale} must be ≥ 0")
+        self.steps, self.clamp, self.noise_scale = int(steps), bool(clamp), float(noise_scale)
 
     def grid(self, num_timesteps: int, device) -> torch.Tensor:
         """Integer steps T = k_0 > … > k_N = 0 (as evenly spaced as T allows)."""
@@ -55,7 +55,7 @@ class DDIMSampler:
         # x_T per row over the generated positions only: independent of the canvas width (batch = singles)
         noise = torch.stack([torch.randn((length, clean.shape[-1]), generator=g, device=device, dtype=clean.dtype) for g in gens])
         x = clean.clone()
-        x[generated] = self.temperature * noise.reshape(-1, clean.shape[-1])
+        x[generated] = self.noise_scale * noise.reshape(-1, clean.shape[-1])
         batch = {"input_ids": ids, "segment_ids": seg}
         T = objective.num_timesteps
         ks = self.grid(T, device)

@@ -2,7 +2,7 @@
 decoding, on the one decode loop of absorbing.py. Both fit any absorbing-state objective (llada,
 masked_discrete).
 
-- `llada`: the generated span is cut into blocks of `block_length` (null: one block), decoded left to
+- `llada`: the generated span is cut into blocks of `span_length` (null: one block), decoded left to
   right; `steps` are split across blocks as evenly as possible, earlier blocks first, and only the
   current block's masks are eligible. Each step commits the k most confident sampled tokens
   (`low_confidence`: the *least* confident stay masked) or k random ones (`random`), where
@@ -41,23 +41,23 @@ from diffuse.schedules import LinearSchedule, build_schedule
 
 @SAMPLERS.register("llada")
 class LLaDASampler(AbsorbingSampler):
-    def __init__(self, steps: int = 64, block_length: int | None = 32, schedule: str = "linear",
+    def __init__(self, steps: int = 64, span_length: int | None = 32, schedule: str = "linear",
                  temperature: float = 1.0, remasking: str = "low_confidence", cfg_scale: float = 0.0,
                  eps: float = 1e-3, cache: str | None = None, top_k: int | None = None, top_p: float | None = None):
         schedule = build_schedule(schedule)
         count = even_share if isinstance(schedule, LinearSchedule) else schedule_share(schedule)
         super().__init__(CommitTopK(count, remasking), steps=steps, schedule=schedule, temperature=temperature,
-                         eps=eps, block_length=block_length, cfg_scale=cfg_scale, cache=cache, top_k=top_k, top_p=top_p)
+                         eps=eps, span_length=span_length, cfg_scale=cfg_scale, cache=cache, top_k=top_k, top_p=top_p)
 
 
 @SAMPLERS.register("threshold")
 class ThresholdSampler(AbsorbingSampler):
-    def __init__(self, threshold: float = 0.9, steps: int = 64, block_length: int | None = None,
+    def __init__(self, threshold: float = 0.9, steps: int = 64, span_length: int | None = None,
                  temperature: float = 1.0, cfg_scale: float = 0.0, eps: float = 1e-3, cache: str | None = None,
                  top_k: int | None = None, top_p: float | None = None):
         if not 0.0 < threshold <= 1.0:
             raise DiffuseError(f"sampler.threshold={threshold} must lie in (0, 1]")
         # the schedule only places the time grid (uniform in t for every schedule) given to the backbone
         super().__init__(CommitTopK(one_per_step, "low_confidence", float(threshold)), steps=steps,
-                         schedule="linear", temperature=temperature, eps=eps, block_length=block_length,
+                         schedule="linear", temperature=temperature, eps=eps, span_length=span_length,
                          cfg_scale=cfg_scale, cache=cache, top_k=top_k, top_p=top_p)
