@@ -80,6 +80,8 @@ class NoiseProcess(Protocol):
     """The noising hooks, declared once: what the consistency regularizer, the gradient analysis, the
     distillers and the samplers of a noising process use. An objective with a noise process gives all of them."""
 
+    eps: float  # the smallest t it draws (t → 0 has unbounded ELBO weight)
+
     def sample_t(self, x0: torch.Tensor, generator: torch.Generator | None = None, train: bool = True,
                  t_range: tuple[float, float] | None = None) -> torch.Tensor:
         """t [B, 1] (or [B, L]); `t_range` draws inside [lo, hi] instead of the objective's own range."""
@@ -250,6 +252,7 @@ class Sampler(Protocol):
 
     processes: tuple[str, ...]  # the objective processes it fits
     requires: tuple[type, ...]  # the capabilities (Protocols above) it needs of the objective
+    any_length: bool  # may decode past the trained data.seq_len (block-causal decoding): a warning, not an error
 
     def generate(self, backbone: Backbone, objective: Objective, prompts: list[list[int]], length: int,
                  seed: int = 0) -> Any:

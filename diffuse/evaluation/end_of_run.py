@@ -23,9 +23,7 @@ def print_samples(cfg: DictConfig, module, tokenizer, dm, flat: dict, run_dir: P
         return
     sampler = module.sampler
     check_context(cfg, [[]], int(cfg.sample_length), beyond=True, sampler=sampler)  # past data.seq_len: a warning
-    steps = f", {sampler.steps} steps" if getattr(sampler, "steps", None) else ""
-    log.info("[3/3] sample: %d × %d tokens, sampler=%s%s", cfg.num_samples, cfg.sample_length,
-             sampler.registry_name, steps)
+    log.info("[3/3] sample: %d × %d tokens, sampler=%s", cfg.num_samples, cfg.sample_length, sampler.registry_name)
     out = module.generate([[] for _ in range(cfg.num_samples)], cfg.sample_length, seed=cfg.seed)
     rows = [row[:n] for row, n in zip(out.tokens.tolist(), out.lengths.tolist())]
     texts = [tokenizer.decode(row, skip_special_tokens=True) for row in rows]

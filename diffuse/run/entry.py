@@ -58,7 +58,7 @@ def sampler_spec(cfg, train_cfg, objective, shorthands=SHORTHANDS) -> dict:
 def check_context(train_cfg, prompts: list[list[int]], length: int, beyond: bool = False, sampler=None) -> None:
     """BOS + the longest prompt + `length` must fit the checkpoint's trained `data.seq_len`. A sampler (class
     or instance) with `any_length` (block-causal decoding) may run past it: a warning, as with `beyond`."""
-    beyond = beyond or getattr(sampler, "any_length", False)
+    beyond = beyond or (sampler is not None and sampler.any_length)
     seq_len = (train_cfg.get("data") or {}).get("seq_len")
     longest = max(map(len, prompts), default=0)
     need = 1 + longest + length

@@ -136,6 +136,7 @@ class AbsorbingSampler:
 
     processes = (ABSORBING,)
     requires = (NoisingObjective,)  # `predict` on the canvas
+    any_length = False  # the canvas is at most the trained data.seq_len
 
     def __init__(self, rule, *, steps: int, schedule, temperature: float, eps: float,
                  span_length: int | None = None, cfg_scale: float = 0.0, cache: str | None = None,

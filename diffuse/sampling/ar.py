@@ -28,6 +28,7 @@ class ARSampler:
 
     processes = (AUTOREGRESSIVE,)
     requires = ()  # `special` only (every Objective has it)
+    any_length = False  # positions past data.seq_len were never trained
 
     def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
         self.temperature, self.top_k, self.top_p = check_temperature(temperature), *check_truncation(top_k, top_p)

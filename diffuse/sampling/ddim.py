@@ -29,6 +29,7 @@ class DDIMSampler:
 
     processes = (GAUSSIAN,)
     requires = (Gaussian,)  # the embedding table, ᾱ(t), rounding: checked at build time
+    any_length = False
 
     def __init__(self, steps: int = 10, clamp: bool = False, noise_scale: float = 1.0):
         if int(steps) <= 0:

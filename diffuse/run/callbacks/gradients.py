@@ -21,7 +21,7 @@ import logging
 import lightning as L
 import torch
 
-from diffuse.contracts import has_noise_process
+from diffuse.contracts import component_name, has_noise_process
 from diffuse.core.metrics import BUCKETS
 from diffuse.core.noise import noise_generator
 from diffuse.errors import DiffuseError
@@ -49,7 +49,7 @@ def t_for_level(objective, level: float, iters: int = 40) -> float:
 
 def bucket_t_ranges(objective, buckets=BUCKETS) -> dict[str, tuple[float, float]]:
     """Each bucket's t range, kept inside the objective's own [eps, 1] (t → 0 has unbounded ELBO weight)."""
-    eps = float(getattr(objective, "eps", 0.0))
+    eps = float(objective.eps)
     ranges = {}
     for name, lo, hi in buckets:
         t_lo, t_hi = t_for_level(objective, lo), t_for_level(objective, min(hi, 1.0))
@@ -91,7 +91,7 @@ class CorruptionGradientNorms(L.Callback):
         if not supports(objective):
             if not self._warned:
                 log.warning("gradient analysis skipped: objective %s has no noise level to bucket by",
-                            getattr(objective, "registry_name", type(objective).__name__))
+                            component_name(objective))
                 self._warned = True
             return
         if self._ranges is None:
