@@ -3,7 +3,8 @@ run on a GPU, with every number written to experiments/bench/gpu-<date>.md besid
 
     bash experiments/bench/gpu_check.sh                            # on the GPU machine (installs the wheels first)
     bash experiments/bench/gpu_check.sh --device cpu --tiny        # anywhere: tiny sizes, seconds per section
-    python experiments/bench/gpu_check.py [--device cuda|cpu] [--tiny] [--sections tests,masks,p4,p6,train]
+    python experiments/bench/gpu_check.py [--device cuda|cpu] [--tiny]
+                                          [--sections tests,masks,block,kvcache,sampling,p4,p6,train]
                                           [--data FILE] [--out FILE] [--budget-s 450] [--compile|--no-compile]
 
 Sections (each reports ok / FAILED / "skipped: <reason>"; one failing never stops the others):
@@ -12,10 +13,23 @@ Sections (each reports ok / FAILED / "skipped: <reason>"; one failing never stop
          mamba-ssm's Mamba2 layers; the kernel path under bf16 autocast. They skip without CUDA and mamba_ssm.
   masks  a padded batch and packed documents through diffuse's transformer (SDPA with a boolean mask; FlexAttention's
          BlockMask too, model.attention=flex) against each row / document alone, fp32 and (CUDA) bf16, causal and not.
+  block  block diffusion (objective.block_size=16, BD3LM): the [x_t ; x_0] layout's masks — a padded batch and
+         packed documents against each row / document alone, SDPA and FlexAttention, and flex against SDPA —
+         then a short training through diffuse.run.fit.train_in (what `python -m diffuse.train` runs) with
+         model.attention=flex and =sdpa from the same seed: the loss of every step compared, steps/s of each.
+         On CPU the flex training is refused by diffuse (torch has no FlexAttention backward there): reported as
+         skipped on CPU with diffuse's one line; the masks and the SDPA training still run.
+  kvcache  the transformer's static KV cache (sampler=ar): cached logits against one full causal forward
+         (fp32 1e-5, bf16 1e-3 of max |logit|), and AR tokens/s with the cache vs re-running the prefix, batch 1
+         and 32 (experiments/bench/ar_cache.py's measurement).
+  sampling tokens/s of the diffusion samplers vs AR with its KV cache at batch 1 and 32, random weights: block
+         (exact cache), llada and threshold with Fast-dLLM's prefix / dual caches (experiments/bench/sampling.py's
+         configurations and timer). The hybrid / speculative sampler is reported "not yet in the tree" until one
+         is registered.
   p4     forward + backward ms: our bidirectional mamba2 vs mamba-ssm's own Mamba2 vs SDPA (experiments/bench/gpu_speed.py).
   p6     tokens/s and MFU of a 124M transformer through diffuse.train vs a bare loop over the same module (gpu_speed.py).
   train  a short masked-diffusion training (`python -m diffuse.train`, ~20M parameters, Tiny Shakespeare bytes;
-         3 minutes on GPU): val/bpt, tokens/s, samples.
+         what the time budget leaves, up to 2 minutes on GPU): val/bpt, tokens/s, samples.
 The report is rewritten after every section, so a run cut short keeps what it measured.
 """
 
@@ -44,7 +58,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 sys.path.insert(0, str(REPO))  # diffuse without an install (the GPU machine runs a bare copy of the tree)
 
-SECTIONS = ("tests", "masks", "p4", "p6", "train")
+SECTIONS = ("tests", "masks", "block", "kvcache", "sampling", "p4", "p6", "train")
 PACKAGES = ("torch", "triton", "lightning", "transformers", "tokenizers", "datasets", "hydra-core", "omegaconf",
             "mamba-ssm", "causal-conv1d", "numpy", "pytest")
 DATA_CANDIDATES = (".gpu/data/tinyshakespeare.txt", "shared/data/tinyshakespeare/input.txt",
@@ -53,7 +67,7 @@ DATA_CANDIDATES = (".gpu/data/tinyshakespeare.txt", "shared/data/tinyshakespeare
 
 @dataclass
 class Sizes:
-    p4_lengths: tuple = (1024, 4096, 16384, 65536)
+    p4_lengths: tuple = (1024, 4096, 16384)
     p4_d_model: int = 768
     p4_layers: int = 4
     p4_batch: int = 2
@@ -69,25 +83,46 @@ class Sizes:
     p6_seq_len: int = 1024
     p6_batch: int = 16
     p6_warmup: int = 10
-    p6_steps: int = 60
+    p6_steps: int = 40
     mask_width: int = 256
     mask_len: int = 128
+    block_size: int = 16
+    block_d_model: int = 512
+    block_layers: int = 6
+    block_heads: int = 8
+    block_seq_len: int = 256  # the layout doubles it: 512 positions a row
+    block_batch: int = 32
+    block_steps: int = 40
+    block_warmup: int = 10  # steps before the timer starts (flex compiles its kernels in the first ones)
+    ar_d_model: int = 512
+    ar_layers: int = 8
+    ar_heads: int = 8
+    ar_vocab: int = 8192
+    ar_prompt: int = 16
+    ar_length: int = 256
+    sample_batches: tuple = (1, 32)
+    sample_reps: int = 2
     train: list = field(default_factory=lambda: [
         "model.d_model=512", "model.n_layers=6", "model.n_heads=8", "data.seq_len=256", "data.batch_size=64",
         "data.eval_batch_size=64", "trainer.max_steps=10000", "trainer.val_check_interval=500",
         "trainer.limit_val_batches=20", "trainer.log_every_n_steps=50", "num_samples=3", "sample_length=200"])
-    train_seconds: int = 180
+    train_seconds: int = 120
 
 
 TINY = Sizes(p4_lengths=(64, 256), p4_d_model=64, p4_layers=2, p4_d_state=16, p4_headdim=16, p4_chunk=32,
              p4_warmup=2, p4_reps=3, p6_d_model=64, p6_layers=2, p6_heads=2, p6_vocab=512, p6_seq_len=64,
              p6_batch=4, p6_warmup=3, p6_steps=8, mask_width=64, mask_len=32,
+             block_d_model=64, block_layers=2, block_heads=2, block_seq_len=64, block_batch=4, block_steps=8,
+             block_warmup=3, ar_d_model=64, ar_layers=2, ar_heads=2, ar_vocab=512, ar_prompt=4, ar_length=32,
+             sample_batches=(1, 8), sample_reps=3,
              train=["model.d_model=64", "model.n_layers=2", "model.n_heads=2", "data.seq_len=64", "data.batch_size=8",
                     "data.eval_batch_size=8", "trainer.max_steps=40", "trainer.val_check_interval=20",
                     "trainer.limit_val_batches=2", "trainer.log_every_n_steps=10", "num_samples=2", "sample_length=48"],
              train_seconds=30)
-# rough seconds each section needs on an H200 (the wheels' Triton kernels compile on first use)
-ESTIMATE_S = {"tests": 90, "masks": 45, "p4": 90, "p6": 150, "train": 100}
+# rough seconds each section needs on an H100 / H200 (the wheels' Triton kernels and flex compile on first use);
+# guesses, not yet measured on a GPU. A section starts only when its estimate fits in what --budget-s leaves;
+# train takes what is left (at least its estimate, at most Sizes.train_seconds of training). Sum: 445 s.
+ESTIMATE_S = {"tests": 60, "masks": 30, "block": 75, "kvcache": 25, "sampling": 45, "p4": 50, "p6": 100, "train": 60}
 
 
 class Skip(Exception):
@@ -246,6 +281,90 @@ def section_masks(args, size, device, out):
         raise RuntimeError("mask equivalence failed: " + ", ".join(failed))
 
 
+def section_block(args, size, device, out):
+    from diffuse.errors import DiffuseError
+    from gpu_speed import block_mask_cases, train_block
+
+    out("### masks")
+    out("")
+    failed = block_mask_cases(size, device, out)
+    out("")
+    out("### training: model.attention=flex vs sdpa")
+    out("")
+    if args.data is None:
+        out("training: skipped: Tiny Shakespeare not found (--data FILE, or gpu_check.sh --prepare)")
+        if failed:
+            raise RuntimeError("block mask equivalence failed: " + ", ".join(failed))
+        return "masks ok; training skipped: no data"
+    runs, skipped = {}, {}
+    with tempfile.TemporaryDirectory(prefix="gpu-check-block-") as work:
+        for attention in ("sdpa", "flex"):
+            try:
+                runs[attention] = train_block(size, device, args.data, Path(work), attention)
+            except DiffuseError as err:  # flex on CPU: diffuse refuses it in one line, before any step
+                if device.type != "cpu" or attention != "flex":
+                    raise
+                skipped[attention] = str(err)
+    first = next(iter(runs.values()), None)
+    if first:
+        o = [x for x in first["overrides"] if not x.startswith(("paths.", "data.path"))]
+        out(f"`train_in` with `{' '.join(o)}` (model.attention per row), {size.block_steps} steps; steps/s over "
+            f"the last {size.block_steps - size.block_warmup}")
+        out("")
+    out("| attention | steps/s | loss step 1 | loss step " + f"{size.block_steps}" + " | wall s |")
+    out("|---|---|---|---|---|")
+    for attention in ("sdpa", "flex"):
+        if attention in runs:
+            r = runs[attention]
+            out(f"| {attention} | {r['steps_per_s']:.2f} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} | {r['wall']:.0f} |")
+        else:
+            out(f"| {attention} | skipped on CPU (the reason below) | | | |")
+    note = []
+    if len(runs) == 2:
+        a, b = runs["flex"]["losses"], runs["sdpa"]["losses"]
+        n = min(len(a), len(b))
+        gap = max(abs(x - y) / max(abs(y), 1e-8) for x, y in zip(a[:n], b[:n]))
+        tol = 2e-2 if device.type == "cuda" else 1e-3  # bf16-mixed on GPU; fp32 elsewhere
+        ok = gap <= tol and n == size.block_steps
+        out("")
+        out(f"flex vs sdpa, same seed: worst relative loss difference over {n} steps {gap:.2e} "
+            f"(tol {tol:g}: {'ok' if ok else 'FAILED'}); last step {a[n - 1]:.4f} vs {b[n - 1]:.4f}; "
+            f"flex / sdpa steps/s {runs['flex']['steps_per_s'] / runs['sdpa']['steps_per_s']:.2f}×")
+        failed += [] if ok else [f"flex vs sdpa loss differs by {gap:.2e}"]
+        note.append(f"flex {runs['flex']['steps_per_s']:.2f} / sdpa {runs['sdpa']['steps_per_s']:.2f} steps/s, "
+                    f"loss gap {gap:.1e}")
+    for attention, why in skipped.items():
+        out("")
+        out(f"{attention} training: skipped on CPU: {why}")
+        note.append(f"{attention} training skipped on CPU (no FlexAttention backward in torch)")
+        if "sdpa" in runs:
+            note.append(f"sdpa {runs['sdpa']['steps_per_s']:.2f} steps/s")
+    if failed:
+        raise RuntimeError("block diffusion: " + ", ".join(failed))
+    return "masks ok; " + "; ".join(note)
+
+
+def section_kvcache(args, size, device, out):
+    from gpu_speed import run_kv_cache
+
+    r = run_kv_cache(size, device, out)
+    if r["failed"]:
+        raise RuntimeError(", ".join(r["failed"]))
+    return ", ".join(f"batch {b}: cache {v[True]:,.0f} vs none {v[False]:,.0f} tokens/s" for b, v in r["rows"].items())
+
+
+def section_sampling(args, size, device, out):
+    from gpu_speed import SAMPLING_LABELS, run_sampling
+
+    r = run_sampling(size, device, out)
+    if r["failed"]:
+        raise RuntimeError("sampler(s) failed: " + ", ".join(r["failed"]))
+    ar, big = r["rows"][SAMPLING_LABELS[0]], size.sample_batches[-1]
+    best = max((k for k in r["rows"] if k != SAMPLING_LABELS[0]), key=lambda k: r["rows"][k][big])
+    return (f"batch {big}: fastest diffusion sampler {best} {r['rows'][best][big] / ar[big]:.2f}× AR+cache; "
+            f"hybrid/speculative: {'registered, not measured' if r['hybrid'] else 'not yet in the tree'}")
+
+
 def section_p4(args, size, device, out):
     from gpu_speed import mamba_ssm_missing, run_p4
 
@@ -267,8 +386,8 @@ def section_p6(args, size, device, out):
 
 
 def section_train(args, size, device, out):
-    # what is left of --budget-s, less ~75 s for start-up, the last validation, sampling and the checkpoint
-    seconds = max(10, min(size.train_seconds, int(args.deadline - time.time()) - 75))
+    # what is left of --budget-s, less ~45 s for start-up, the last validation, sampling and the checkpoint
+    seconds = max(10, min(size.train_seconds, int(args.deadline - time.time()) - 45))
     with tempfile.TemporaryDirectory(prefix="gpu-check-train-") as work:
         run = Path(work) / "run"
         overrides = ["data=text", f"data.path={args.data}", "tokenizer=byte", "objective=masked_discrete",
@@ -307,7 +426,8 @@ def section_train(args, size, device, out):
     return note
 
 
-RUNNERS = {"tests": section_tests, "masks": section_masks, "p4": section_p4, "p6": section_p6, "train": section_train}
+RUNNERS = {"tests": section_tests, "masks": section_masks, "block": section_block, "kvcache": section_kvcache,
+           "sampling": section_sampling, "p4": section_p4, "p6": section_p6, "train": section_train}
 
 
 def find_data(given: str | None) -> Path | None:
@@ -361,7 +481,7 @@ def main(argv=None) -> int:
     report("")
     for line in machine(device):
         report(line)
-    report(f"- data: {args.data or 'not found (the p6 and train sections skip)'}")
+    report(f"- data: {args.data or 'not found (p6, train and the block training skip)'}")
     report.save()
     status = {}
     for name in args.sections:

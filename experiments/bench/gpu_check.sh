@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU check: one script, ≤ 8 minutes on an H200. The sections and the report are
+# GPU check: one script, ≤ 8 minutes on an H100 or H200 (--budget-s 450 for the sections, plus the installs).
+# The sections (tests, masks, block, kvcache, sampling, p4, p6, train) and the report are
 # experiments/bench/gpu_check.py's (its docstring); this wrapper finds the wheels and the data, installs what
 # the machine lacks, and runs it.
 #

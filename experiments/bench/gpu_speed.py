@@ -347,3 +347,327 @@ def run_p6(size, device, data: Path, work: Path, compile: bool, out) -> dict:
     out(f"MFU counts {flops / 1e6:.0f} MFLOP per token (6·N + 12·layers·d·L); peak "
         + (f"{peak / 1e12:.0f} TFLOP/s bf16 dense" if peak else "unknown"))
     return {"framework": framework, "callback": callback_rate, "bare": bare, "ratio": ratio, "params": n_params}
+
+
+# -- block diffusion: FlexAttention vs SDPA ------------------------------------------------------------
+class StepTimer(L.Callback):
+    """Each step's loss (kept on the device, read at the end: no sync per step) and steps/s over the steps
+    after `start_step` (device-synced at both ends). `last` is the instance of the latest run."""
+
+    last: StepTimer | None = None
+
+    def __init__(self, start_step: int = 3):
+        self.start_step, self.losses, self.t0 = start_step, [], None
+        self.t1 = math.nan
+        self.steps = 0
+
+    def setup(self, trainer, pl_module, stage):
+        StepTimer.last = self
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(loss.detach().float().reshape(()))
+        if trainer.global_step == self.start_step:
+            sync(pl_module.device)
+            self.t0 = time.perf_counter()
+        elif trainer.global_step == trainer.max_steps and self.t0 is not None:
+            sync(pl_module.device)
+            self.t1, self.steps = time.perf_counter(), trainer.global_step - self.start_step
+
+    def result(self) -> dict:
+        losses = [float(x) for x in self.losses]
+        return {"losses": losses, "steps_per_s": self.steps / (self.t1 - self.t0) if self.steps else math.nan}
+
+
+def train_block(size, device, data: Path, work: Path, attention: str) -> dict:
+    """A short block-diffusion (BD3LM) run through diffuse.run.fit.train_in with model.attention=`attention`:
+    its per-step losses and steps/s. The same seed, data order and initial weights for every attention."""
+    from omegaconf import open_dict
+
+    from diffuse.run.fit import train_in
+
+    gpu = device.type == "cuda"
+    run = work / f"block-{attention}"
+    overrides = [
+        "data=text", f"data.path={data}", "tokenizer=byte", "objective=masked_discrete",
+        f"objective.block_size={size.block_size}", f"model.attention={attention}",
+        f"model.d_model={size.block_d_model}", f"model.n_layers={size.block_layers}",
+        f"model.n_heads={size.block_heads}", f"data.seq_len={size.block_seq_len}",
+        f"data.batch_size={size.block_batch}", f"data.eval_batch_size={size.block_batch}",
+        f"trainer={'gpu' if gpu else 'default'}", f"trainer.accelerator={'gpu' if gpu else 'cpu'}",
+        f"trainer.max_steps={size.block_steps}", "trainer.val_check_interval=1000000", "trainer.limit_val_batches=1",
+        "trainer.num_sanity_val_steps=0", "trainer.log_every_n_steps=1", "callbacks.progress_bar=null",
+        "num_samples=0", f"paths.cache_dir={work / 'cache'}",
+    ]
+    cfg = compose_train_config(overrides, run)
+    with open_dict(cfg):
+        cfg.callbacks["step_timer"] = {"_target_": "gpu_speed.StepTimer", "start_step": size.block_warmup}
+    StepTimer.last = None
+    wall = time.perf_counter()
+    metrics = train_in(cfg, run)
+    wall = time.perf_counter() - wall
+    return {**StepTimer.last.result(), "wall": wall, "metrics": metrics, "overrides": overrides}
+
+
+def block_mask_cases(size, device, out) -> list[str]:
+    """Block-layout ([x_t ; x_0], BD3LM) forwards of a padded batch and of packed documents (cut at block
+    boundaries) against each row / document alone, under SDPA (boolean mask) and FlexAttention (BlockMask);
+    and flex against SDPA on the same batch. Returns the failed cases."""
+    from diffuse.models.layers import BlockLayout
+    from diffuse.models.transformer import Transformer
+
+    L, b = size.mask_len, size.block_size
+    gen = torch.Generator().manual_seed(0)
+    xt = torch.randint(1, 96, (4, L), generator=gen)
+    x0 = torch.randint(1, 96, (4, L), generator=gen)
+    lengths = [L, L - 5, L // 2 + 1, 3]
+    padded = torch.zeros(4, L, dtype=torch.long)
+    for r, n in enumerate(lengths):
+        padded[r, :n] = 1
+    cut = (L // 2) // b * b or b  # documents start on a block boundary: alone, their blocks are the same
+    docs = [(0, cut, 1), (cut, L - 4, 2)]
+    packed = torch.zeros(4, L, dtype=torch.long)
+    for a, e, s in docs:
+        packed[:, a:e] = s
+    dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" else [])
+    tol = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
+    models = {}
+    for kind in ("sdpa", "flex"):
+        torch.manual_seed(0)
+        models[kind] = Transformer(vocab_size=100, d_model=size.mask_width, n_layers=2,
+                                   n_heads=max(1, size.mask_width // 64), attention=kind).to(device).eval()
+    out(f"block_size {b}, rows of {L} (the layout is 2×{L}: noisy then clean); width {size.mask_width}, 2 layers")
+    out("")
+    out("| attention | case | dtype | max abs diff / max abs | finite | ok |")
+    out("|---|---|---|---|---|---|")
+    failed, batch_out = [], {}
+
+    def forward(model, ids_t, ids_0, seg, n):
+        layout = BlockLayout.noisy_and_clean(n, b, device=device)
+        ids = torch.cat([ids_t, ids_0], 1).to(device)
+        return model(ids=ids, segment_ids=None if seg is None else seg.repeat(1, 2).to(device), layout=layout).float()
+
+    for dtype in dtypes:
+        for kind, model in models.items():
+            for case, seg, spans in (("padded rows", padded, [[(0, n)] for n in lengths]),
+                                     ("packed documents", packed, [[(a, e) for a, e, _ in docs]] * 4)):
+                with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != torch.float32):
+                    whole = forward(model, xt, x0, seg, L)
+                    batch_out[(kind, case, dtype)] = whole
+                    worst = scale = 0.0
+                    for r, row in enumerate(spans):
+                        for a, e in row:
+                            alone = forward(model, xt[r:r + 1, a:e], x0[r:r + 1, a:e], None, e - a)[0]
+                            n = e - a
+                            got = torch.cat([whole[r, a:e], whole[r, L + a:L + e]])  # its noisy and clean halves
+                            worst = max(worst, (got - alone[: 2 * n]).abs().max().item())
+                            scale = max(scale, alone.abs().max().item())
+                rel, finite = worst / scale, bool(whole.isfinite().all())
+                ok = rel <= tol[dtype] and finite
+                failed += [] if ok else [f"{kind} {case} {dtype} vs alone"]
+                out(f"| {kind} | {case} vs each alone | {str(dtype).split('.')[-1]} | {rel:.2e} | {finite} | "
+                    f"{'ok' if ok else 'FAILED'} (tol {tol[dtype]:g}) |")
+        for case in ("padded rows", "packed documents"):
+            a, s = batch_out[("flex", case, dtype)], batch_out[("sdpa", case, dtype)]
+            real = (padded if case == "padded rows" else packed).repeat(1, 2).to(device) > 0  # padding rows differ
+            rel = (a - s)[real].abs().max().item() / s[real].abs().max().item()
+            ok = rel <= tol[dtype]
+            failed += [] if ok else [f"flex vs sdpa {case} {dtype}"]
+            out(f"| flex vs sdpa | {case}, same batch | {str(dtype).split('.')[-1]} | {rel:.2e} | "
+                f"{bool(a.isfinite().all())} | {'ok' if ok else 'FAILED'} (tol {tol[dtype]:g}) |")
+    return failed
+
+
+# -- AR: the static KV cache ---------------------------------------------------------------------------
+class NoEOS(nn.Module):
+    """A backbone whose logits never pick EOS (every row runs the full length, so tokens/s is batch × length
+    over the time); `cached=False` hides `new_cache`, so the AR sampler re-runs the whole prefix each step."""
+
+    def __init__(self, inner, eos: int, cached: bool = True):
+        super().__init__()
+        self.inner, self.eos = inner, eos
+        self.time_conditioned = inner.time_conditioned
+        for name in ("supports_block_layout", "vocab_size"):
+            if hasattr(inner, name):
+                setattr(self, name, getattr(inner, name))
+        if cached:
+            self.new_cache = inner.new_cache
+
+    def forward(self, **kw):
+        return self.inner(**kw)
+
+    def logits(self, hidden):
+        out = self.inner.logits(hidden)
+        out[..., self.eos] = float("-inf")
+        return out
+
+
+def special_tokens(vocab: int):
+    from diffuse.objectives.base import SpecialTokens
+
+    return SpecialTokens(pad=vocab - 4, bos=vocab - 3, eos=vocab - 2, mask=vocab - 1)
+
+
+def random_transformer(size, device, seed: int = 0, **kw):
+    from diffuse.models.transformer import Transformer
+
+    torch.manual_seed(seed)
+    return Transformer(size.ar_vocab, d_model=size.ar_d_model, n_layers=size.ar_layers, n_heads=size.ar_heads,
+                       **kw).to(device).eval()
+
+
+@torch.no_grad()
+def cache_logits_gap(model, device, dtype, length: int, prefill: int) -> float:
+    """max |cached − full| / max |full| over every position: a prefill of `prefill`, then one token per
+    cached call, against one causal forward over the whole sequence (2 rows, the second left-padded)."""
+    vocab = model.vocab_size
+    x = torch.randint(0, vocab - 4, (2, length), generator=torch.Generator().manual_seed(1)).to(device)
+    seg = torch.ones_like(x)
+    seg[1, :3] = 0  # three left-padding positions in row 1, as the AR sampler pads prompts
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype != torch.float32):
+        full = model.logits(model(ids=x, segment_ids=seg, causal=True)).float()
+        cache = model.new_cache(max_length=length)
+        parts = [model.logits(model(ids=x[:, :prefill], segment_ids=seg[:, :prefill], causal=True, cache=cache))]
+        for j in range(prefill, length):
+            parts.append(model.logits(model(ids=x[:, j:j + 1], segment_ids=seg[:, j:j + 1], causal=True, cache=cache)))
+    cached = torch.cat(parts, 1).float()
+    real = seg.bool()
+    return ((cached - full)[real].abs().max() / full[real].abs().max()).item()
+
+
+def run_kv_cache(size, device, out) -> dict:
+    """AR sampling tokens/s with the static KV cache vs re-running the prefix, batch 1 and the large batch;
+    and the cached logits against a full causal forward (fp32 1e-5, bf16 1e-3, relative to max |logit|)."""
+    from diffuse.objectives.autoregressive import Autoregressive
+    from diffuse.sampling.ar import ARSampler
+
+    bf16 = device.type == "cuda"
+    special = special_tokens(size.ar_vocab)
+    objective = Autoregressive(special=special)
+    model = random_transformer(size, device)
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-3}
+    out(f"transformer d_model {size.ar_d_model} × {size.ar_layers} layers × {size.ar_heads} heads, vocab "
+        f"{size.ar_vocab}, random weights; prompt {size.ar_prompt}, {size.ar_length} new tokens per row (EOS "
+        f"forbidden); sampler=ar temperature 1; {'bf16 autocast' if bf16 else 'fp32'}; best of "
+        f"{size.sample_reps} after a warm-up")
+    out("")
+    out("| check | dtype | max abs diff / max abs | ok |")
+    out("|---|---|---|---|")
+    failed = []
+    precision = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("highest")  # fp32 means fp32 here (no TF32)
+    try:
+        for dtype in [torch.float32] + ([torch.bfloat16] if bf16 else []):
+            gap = cache_logits_gap(model, device, dtype, min(64, size.ar_prompt + size.ar_length), size.ar_prompt)
+            ok = gap <= tol[dtype]
+            failed += [] if ok else [f"cached logits {dtype}"]
+            out(f"| cached logits = full causal forward | {str(dtype).split('.')[-1]} | {gap:.2e} | "
+                f"{'ok' if ok else 'FAILED'} (tol {tol[dtype]:g}) |")
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    sampler = ARSampler(temperature=1.0)
+    rows = {}
+    out("")
+    out("| batch | static KV cache tokens/s | no cache (prefix re-run) tokens/s | cache / none | same tokens |")
+    out("|---|---|---|---|---|")
+    for batch in size.sample_batches:
+        prompts = torch.randint(0, size.ar_vocab - 4, (batch, size.ar_prompt),
+                                generator=torch.Generator().manual_seed(batch)).tolist()
+        rates, tokens = {}, {}
+        for cached in (True, False):
+            backbone = NoEOS(model, special.eos, cached=cached)
+            with autocast(device, bf16):
+                sampler.generate(backbone, objective, prompts, min(size.ar_length, 8), seed=0)  # warm-up
+                best = math.inf
+                for _ in range(size.sample_reps):
+                    sync(device)
+                    t0 = time.perf_counter()
+                    tokens[cached] = sampler.generate(backbone, objective, prompts, size.ar_length, seed=0).tokens
+                    sync(device)
+                    best = min(best, time.perf_counter() - t0)
+            rates[cached] = batch * size.ar_length / best
+        same = torch.equal(tokens[True], tokens[False])
+        if not same and not bf16:
+            failed.append(f"tokens differ with and without the cache at batch {batch} (fp32)")
+        rows[batch] = rates
+        out(f"| {batch} | {rates[True]:,.1f} | {rates[False]:,.1f} | {rates[True] / rates[False]:.2f}× | {same}"
+            + ("" if same or not bf16 else " (bf16: kernels differ, not a failure)") + " |")
+    return {"rows": rows, "failed": failed}
+
+
+# -- sampling throughput: diffusion samplers vs AR with its KV cache ----------------------------------
+# labels of experiments/bench/sampling.py's CONFIGS measured here (its "full" run = masked_discrete, no blocks)
+SAMPLING_LABELS = ("AR + static KV cache", "full, llada 1 tok/step", "full, llada 1 tok/step + prefix cache",
+                   "full, llada 1 tok/step + dual cache", "full, threshold 0.9 + dual cache",
+                   "block 16, 1 tok/step, exact cache", "block 16, threshold 0.9, exact cache")
+
+
+class TimedModule:
+    """What sampling.timed_generate calls (`module.generate`): the sampler on a backbone, device-synced at the
+    end so the time is the work's, under bf16 autocast on CUDA."""
+
+    def __init__(self, backbone, objective, device, bf16: bool):
+        self.backbone, self.objective, self.device, self.bf16 = backbone, objective, device, bf16
+
+    def generate(self, prompts, length, seed=0, sampler=None):
+        with autocast(self.device, self.bf16):
+            result = sampler.generate(self.backbone, self.objective, prompts, length, seed=seed)
+        sync(self.device)
+        return result
+
+
+def run_sampling(size, device, out) -> dict:
+    """tokens/s of each sampler at batch 1 and the large batch, unconditional, random weights (EOS forbidden,
+    so every row delivers `length` tokens; no quality here: experiments/bench/sampling.py pairs speed with it)."""
+    import sampling as bench  # experiments/bench/sampling.py: its CONFIGS, spec_for and timed_generate
+
+    from diffuse.objectives.autoregressive import Autoregressive
+    from diffuse.objectives.masked_discrete import MaskedDiscrete
+    from diffuse.registry import SAMPLERS
+    from diffuse.run.build import build_sampler
+    from diffuse.schedules import build_schedule
+
+    bf16 = device.type == "cuda"
+    special = special_tokens(size.ar_vocab)
+    objectives = {"ar": Autoregressive(special=special),
+                  "full": MaskedDiscrete(build_schedule("linear"), special),
+                  "block16": MaskedDiscrete(build_schedule("linear"), special, block_size=16)}
+    model = random_transformer(size, device)
+    backbone = NoEOS(model, special.eos)
+    configs = [c for c in bench.CONFIGS if c[0] in SAMPLING_LABELS]
+    length = size.ar_length
+    out(f"the transformer of the kv-cache section (random weights, EOS forbidden) for every sampler; "
+        f"{length} tokens per row, unconditional; {'bf16 autocast' if bf16 else 'fp32'}; tokens/s = rows × "
+        f"{length} / seconds (best of {size.sample_reps}, after a warm-up); samplers as experiments/bench/sampling.py "
+        f"configures them (llada/threshold in blocks of 16)")
+    out("")
+    batches = size.sample_batches
+    out("| sampler | spec | " + " | ".join(f"tokens/s batch {b}" for b in batches) + " | "
+        + " | ".join(f"× AR batch {b}" for b in batches) + " |")
+    out("|---" * (2 + 2 * len(batches)) + "|")
+    rows, failed = {}, []
+    for label, run, spec in configs:
+        spec = bench.spec_for(spec, length)
+        try:
+            sampler = build_sampler(spec, objectives[run])
+            module = TimedModule(backbone, objectives[run], device, bf16)
+            bench.timed_generate(module, sampler, 1, 1, min(length, 16), 0)  # warm-up
+            rates = {}
+            for b in batches:
+                best = min(bench.timed_generate(module, sampler, b, b, length, 0)[1] for _ in range(size.sample_reps))
+                rates[b] = b * length / best
+            rows[label] = rates
+        except Exception as err:  # one sampler failing is reported, the others still run
+            failed.append(label)
+            out(f"| {label} | `{spec}` | FAILED: {type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''} |")
+            continue
+        ar = rows.get(SAMPLING_LABELS[0])
+        out(f"| {label} | `{', '.join(f'{k}={v}' for k, v in spec.items())}` | "
+            + " | ".join(f"{rates[b]:,.1f}" for b in batches) + " | "
+            + " | ".join(f"{rates[b] / ar[b]:.2f}×" if ar else "n/a" for b in batches) + " |")
+    hybrid = [n for n in SAMPLERS.names() if any(k in n for k in ("hybrid", "specul"))] \
+        if hasattr(SAMPLERS, "names") else []
+    out("")
+    out("hybrid / speculative sampler: " + (f"registered ({', '.join(hybrid)}) but not measured by this script yet"
+                                            if hybrid else "not yet in the tree"))
+    return {"rows": rows, "failed": failed, "hybrid": hybrid}
