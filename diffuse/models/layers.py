@@ -132,6 +132,11 @@ class BlockLayout:
     and the clean blocks before it, a clean block the clean blocks up to its own. One clean stream alone
     is block-causal attention (a block sees the blocks ≤ its own): uncached block decoding. Blocks of 1
     make the clean stream causal; one block makes the noisy stream the full-sequence model.
+
+    `block` is an ordering key rather than a count: a clean key is seen by queries of larger key (and by clean
+    queries of an equal one), a noisy key only by noisy queries of the same key. The hybrid (TiDAR,
+    objectives/hybrid.py) uses that: its clean token j has key j (blocks of 1: token-causal) and its draft
+    block k has key k·b, so the draft block sees the clean tokens before position k·b (`clean_and_draft`).
     """
 
     def __init__(self, block: torch.Tensor, clean: torch.Tensor, positions: torch.Tensor):
@@ -142,6 +147,15 @@ class BlockLayout:
         """The training layout [x_t ; x_0] of rows of `length`, blocks aligned at position 0."""
         pos = torch.arange(length, device=device)
         return cls((pos // block_size).repeat(2), torch.arange(2 * length, device=device) >= length, pos.repeat(2))
+
+    @classmethod
+    def clean_and_draft(cls, length: int, block_size: int, device=None) -> "BlockLayout":
+        """The hybrid's training layout [x ; d] (clean row first, both at positions 0..L−1): clean position j
+        sees clean positions ≤ j (token-causal, AR's attention), draft block k (positions k·b … k·b+b−1) sees
+        itself bidirectionally and the clean positions < k·b; nothing sees the draft row but itself."""
+        pos = torch.arange(length, device=device)
+        key = torch.cat([pos, pos // block_size * block_size])
+        return cls(key, torch.arange(2 * length, device=device) < length, pos.repeat(2))
 
     @classmethod
     def clean_blocks(cls, block: torch.Tensor) -> "BlockLayout":
