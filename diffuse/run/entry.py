@@ -13,6 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS, accepts_keyword
 from diffuse.run.build import as_dict
+from diffuse.run.load import load_run
+from diffuse.sampling.speculative import drafter_from
 
 log = logging.getLogger("diffuse")
 
@@ -52,7 +54,16 @@ def sampler_spec(cfg, train_cfg, objective, shorthands=SHORTHANDS) -> dict:
     for key in shorthands:
         if cfg.get(key) is not None and accepts_keyword(sampler_cls, key):
             spec[key] = cfg[key]
+    if isinstance(spec.get("drafter"), str):  # sampler=speculative: a drafter checkpoint, loaded here (run layer)
+        spec["drafter"] = load_drafter(spec["drafter"])
     return spec
+
+
+def load_drafter(path: str):
+    """`sampler.drafter=CKPT`: the checkpoint as an eval-mode drafter (sampling/speculative.py); the sampler
+    checks its tokenizer against the target's."""
+    _, _, module = load_run(path, key="sampler.drafter")
+    return drafter_from(module.backbone, module.objective)
 
 
 def check_context(train_cfg, prompts: list[list[int]], length: int, beyond: bool = False, sampler=None) -> None:

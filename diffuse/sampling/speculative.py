@@ -1,0 +1,369 @@
+"""Exact speculative sampling (Leviathan et al. 2023; Chen et al. 2023): an autoregressive model's own output
+distribution, with k tokens drafted at a time by a cheaper drafter and verified in one pass of the target.
+
+The rule (DESIGN.md §7), `speculative_rule`: drafts d_1..d_k drawn from q_1..q_k (q_i may depend on d_<i);
+the target's pass over [last committed token ; d_1..d_k] gives p_1..p_{k+1}. For i = 1..k accept d_i with
+probability min(1, p_i(d_i)/q_i(d_i)); at the first rejection draw from norm(max(0, p_i − q_i)) and stop; if
+every draft is accepted, draw a bonus token from p_{k+1}. Every emitted token is distributed exactly as AR
+sampling from p. Temperature, top-k and top-p are applied to p and q alike before the rule (`Warp`, the AR
+sampler's order: truncate the log-probabilities, then divide by T); temperature 0 makes both one-hot on their
+argmax, and the same rule is then greedy decoding: accept while d_i = argmax p_i, then argmax p.
+
+The target is the checkpoint's backbone decoded causally with its KV cache (a `Seekable` one: rejected
+positions are forgotten with `truncate`); a backbone without one (or with a recurrent state, which cannot roll
+back) re-runs its whole prefix each step. Rows advance independently — each accepts its own count — while the
+cache keeps one column per position for every row (RoPE is relative; left padding invisible): after a step the
+cache keeps the columns every decoding row has verified, and a row that got ahead feeds its extra committed
+tokens again in front of its next drafts (right-padded, so no row has a hole). Every draw comes from the row's
+own generator and only while the row decodes, so a batch gives what the same samples give one at a time.
+
+Drafters (`Drafter`): any diffuse checkpoint with the target's tokenizer, given as `sampler.drafter=CKPT` and
+loaded by the commands (diffuse/run/entry.py `sampler_spec`; this layer imports nothing of diffuse.run):
+  `ARDrafter`      an autoregressive model drafts k tokens left to right (k passes; classic speculative decoding);
+  `MaskedDrafter`  an absorbing-state model (masked_discrete, llada; full-sequence or block diffusion) masks the k
+                   positions after the context and drafts them in one pass, each from its own marginal q_i.
+An objective that drafts with the target's own network (the hybrid's draft head) implements `SelfDrafting`
+and is used when no drafter is given.
+
+Cost: NFE = the target's verification passes + the drafter's passes; `positions` counts both networks' widths.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from diffuse.contracts import (
+    AUTOREGRESSIVE,
+    Absorbing,
+    Seekable,
+    block_size_of,
+    component_name,
+    new_cache,
+)
+from diffuse.core.checks import check_range
+from diffuse.errors import DiffuseError
+from diffuse.models.layers import BlockLayout
+from diffuse.registry import SAMPLERS
+from diffuse.sampling.base import (
+    SampleOutput,
+    check_temperature,
+    check_truncation,
+    left_padded,
+    rand_rows,
+    row_generators,
+    trim_at_eos,
+    truncate,
+)
+
+
+# -- the rule -------------------------------------------------------------------------------------------------
+def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws from unnormalised weights [..., V] ≥ 0 (some positive) given uniforms u [...] in [0, 1):
+    token j where cdf_{j−1} ≤ u·total < cdf_j; a zero-weight token is never drawn."""
+    cdf = weights.cumsum(-1)
+    idx = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1)
+    last = weights.shape[-1] - 1 - (weights > 0).flip(-1).long().argmax(-1)  # rounding at u → 1
+    return torch.minimum(idx, last)
+
+
+def speculative_rule(p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor,
+                     u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One speculative step for a batch of independent rows.
+
+    p [B, k+1, V]: the target's (warped) probabilities for each prefix; q [B, k, V]: the drafter's, from which
+    `drafts` [B, k] were drawn; u [B, k+1]: uniforms (k acceptance tests, one draw). Returns (accepted [B] in
+    0..k, the next token [B]): the row emits drafts[:accepted] then the next token — drawn from
+    norm(max(0, p_i − q_i)) at the first rejection i, or from p_{k+1} when every draft was accepted.
+    """
+    B, k = drafts.shape
+    pd = p[:, :k].gather(-1, drafts[..., None])[..., 0]
+    qd = q.gather(-1, drafts[..., None])[..., 0]
+    accept = u[:, :k] * qd < pd  # u < min(1, p/q), without dividing (q(d) > 0: d was drawn from q)
+    n = accept.long().cumprod(1).sum(1)
+    at = n[:, None, None].expand(B, 1, p.shape[-1])
+    q_next = torch.cat([q, q.new_zeros(B, 1, q.shape[-1])], 1).gather(1, at)[:, 0]  # 0 at the bonus position
+    p_next = p.gather(1, at)[:, 0]
+    residual = (p_next - q_next).clamp_min(0)
+    # a rejection leaves mass where p > q; only rounding (p = q) could leave none: then p itself
+    residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p_next)
+    return n, draw(residual, u[:, k])
+
+
+class Warp:
+    """Temperature / top-k / top-p, as the AR sampler applies them: log-probabilities truncated, then divided by
+    T; T = 0: one-hot on the argmax. Logits [..., V] → probabilities [..., V] (float32)."""
+
+    def __init__(self, temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None):
+        self.temperature, self.top_k, self.top_p = check_temperature(temperature), *check_truncation(top_k, top_p)
+
+    def __call__(self, logp: torch.Tensor) -> torch.Tensor:
+        logp = logp.float().log_softmax(-1)
+        if self.temperature <= 0:
+            return torch.zeros_like(logp).scatter_(-1, logp.argmax(-1, keepdim=True), 1.0)
+        return (truncate(logp, self.top_k, self.top_p) / self.temperature).softmax(-1)
+
+
+# -- drafters -------------------------------------------------------------------------------------------------
+@runtime_checkable
+class Drafter(Protocol):
+    """Proposes k tokens after each context, with the distributions they were drawn from."""
+
+    vocab_size: int
+    special: Any  # SpecialTokens: must equal the target's
+    positions: int  # positions run through its network so far
+
+    def passes(self, k: int) -> int:
+        """Forward passes one `draft` call of k tokens costs."""
+        ...
+
+    def draft(self, contexts: list[list[int]], k: int, gens: list[torch.Generator],
+              warp: Warp) -> tuple[torch.Tensor, torch.Tensor]:
+        """contexts: each row's tokens so far (prompt and committed, no BOS); gens: each row's generator.
+        Returns (tokens [B, k], q [B, k, V]): q[:, i] is the warped distribution tokens[:, i] was drawn from
+        (given the context and tokens[:, :i])."""
+        ...
+
+    def to(self, device) -> Any: ...
+
+
+@runtime_checkable
+class SelfDrafting(Protocol):
+    """An objective whose network drafts for itself (the hybrid's draft head): used when no drafter is given."""
+
+    def self_drafter(self, backbone) -> Drafter: ...
+
+
+class _ModelDrafter:
+    """A diffuse checkpoint's backbone and objective (eval mode) as a drafter."""
+
+    def __init__(self, backbone, objective, name: str = "drafter"):
+        self.backbone, self.objective, self.name = backbone.eval(), objective, name
+        self.vocab_size, self.special, self.positions = backbone.vocab_size, objective.special, 0
+
+    def to(self, device):
+        self.backbone.to(device)
+        return self
+
+    @property
+    def device(self):
+        return next(self.backbone.parameters()).device
+
+
+class ARDrafter(_ModelDrafter):
+    """An autoregressive model drafts k tokens left to right: a prefill of the context, then one position per
+    token through its KV cache (k passes)."""
+
+    def passes(self, k: int) -> int:
+        return k
+
+    @torch.no_grad()
+    def draft(self, contexts, k, gens, warp):
+        ids, seg = left_padded(contexts, self.special, self.device)
+        cache = new_cache(self.backbone, ids.shape[1] + k)
+        tokens, qs = [], []
+        step_ids, step_seg = ids, seg
+        for i in range(k):
+            if cache is None:
+                step_ids = torch.cat([ids] + [t[:, None] for t in tokens], 1)
+                step_seg = torch.cat([seg, torch.ones_like(step_ids[:, ids.shape[1]:])], 1)
+            hidden = self.backbone(ids=step_ids, segment_ids=step_seg, causal=True,
+                                   **({"cache": cache} if cache is not None else {}))
+            self.positions += step_ids.shape[1]
+            logits = self.backbone.logits(hidden[:, -1]).float()
+            logits[..., self.special.mask] = float("-inf")
+            q = warp(logits)
+            tok = draw(q, rand_rows(gens, (), q.device))
+            tokens.append(tok)
+            qs.append(q)
+            step_ids, step_seg = tok[:, None], torch.ones_like(tok[:, None])
+        return torch.stack(tokens, 1), torch.stack(qs, 1)
+
+
+class MaskedDrafter(_ModelDrafter):
+    """An absorbing-state model drafts the k positions after the context in one pass: canvas [BOS, context,
+    MASK × k], q_i its (SUBS) distribution at the i-th mask, each draft drawn independently from its q_i. A full-
+    sequence model reads the canvas bidirectionally; a block diffusion model (objective.block_size) reads it
+    block-causally, blocks counted from the first draft (as sampler=block aligns them), at t = 1 on the drafts."""
+
+    def passes(self, k: int) -> int:
+        return 1
+
+    @torch.no_grad()
+    def draft(self, contexts, k, gens, warp):
+        special, device = self.special, self.device
+        head, head_seg = left_padded(contexts, special, device)
+        B, W = head.shape
+        z = torch.cat([head, torch.full((B, k), special.mask, dtype=torch.long, device=device)], 1)
+        seg = torch.cat([head_seg, torch.ones(B, k, dtype=torch.long, device=device)], 1)
+        size = block_size_of(self.objective)
+        if size:
+            columns = torch.arange(W + k, device=device)
+            layout = BlockLayout.clean_blocks(torch.div(columns - W, size, rounding_mode="floor"))
+            times = torch.zeros(B, W + k, device=device)
+            times[:, W:] = 1.0
+            hidden = self.backbone(ids=z, segment_ids=seg, t=times, layout=layout)
+        else:  # the mask ratio of each row's canvas sets its t (time-conditioned models read it)
+            ratio = [k / (k + 1 + len(c)) for c in contexts]
+            t = torch.tensor([self.objective.t_for_mask_prob(r) for r in ratio], device=device)
+            hidden = self.backbone(ids=z, segment_ids=seg, t=t)
+        self.positions += W + k
+        q = warp(self.objective.log_probs(self.backbone.logits(hidden[:, W:]), z[:, W:]))
+        return draw(q, rand_rows(gens, (k,), device)), q
+
+
+def drafter_from(backbone, objective, name: str = "sampler.drafter") -> Drafter:
+    """The drafter a checkpoint's backbone and objective make: autoregressive → ARDrafter, absorbing-state
+    (masked_discrete, llada, full-sequence or block) → MaskedDrafter; anything else one line."""
+    if objective.process == AUTOREGRESSIVE:
+        return ARDrafter(backbone, objective, name)
+    if isinstance(objective, Absorbing):
+        return MaskedDrafter(backbone, objective, name)
+    raise DiffuseError(f"{name}: objective={component_name(objective)} ({objective.process} process) cannot draft "
+                       "tokens; give an autoregressive or absorbing-state (masked_discrete, llada) checkpoint")
+
+
+def check_same_tokenizer(drafter: Drafter, backbone, special, name: str = "sampler.drafter") -> None:
+    if drafter.vocab_size != backbone.vocab_size or tuple(vars(drafter.special).values()) != tuple(vars(special).values()):
+        raise DiffuseError(
+            f"{name} has another tokenizer than the target (vocab {drafter.vocab_size}, specials {vars(drafter.special)} "
+            f"vs vocab {backbone.vocab_size}, specials {vars(special)}); train the drafter with the same tokenizer")
+
+
+# -- the sampler ----------------------------------------------------------------------------------------------
+@SAMPLERS.register("speculative")
+class SpeculativeSampler:
+    """Exact speculative sampling of an autoregressive checkpoint; defaults as conf/sampler/speculative.yaml."""
+
+    processes = (AUTOREGRESSIVE,)
+    requires = ()  # `special` only; the drafter is checked at generate time
+    any_length = False  # positions past data.seq_len were never trained (drafts may run k past it: never kept)
+    rule = staticmethod(speculative_rule)  # (p, q, drafts, u) → (accepted, next token); tests swap in wrong ones
+
+    def __init__(self, drafter: Any = None, draft_length: int = 4, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None):
+        if isinstance(drafter, (str, os.PathLike)):
+            raise DiffuseError(f"sampler.drafter={drafter} is a checkpoint path, which only diffuse.sample, evaluate "
+                               "and compare load; here (a training config?) use sampler=ar")
+        if drafter is not None and not isinstance(drafter, Drafter):
+            raise DiffuseError(f"sampler.drafter must be a checkpoint path or a Drafter, not {type(drafter).__name__}")
+        check_range("sampler.draft_length", draft_length, 1, integer=True)
+        self.drafter, self.k = drafter, int(draft_length)
+        self.warp = Warp(temperature, top_k, top_p)
+        self.stats: dict[str, float] = {}
+
+    def _drafter(self, backbone, objective) -> Drafter:
+        drafter = self.drafter
+        if drafter is None and isinstance(objective, SelfDrafting):
+            drafter = objective.self_drafter(backbone)
+        if drafter is None:
+            raise DiffuseError("sampler=speculative needs a drafter: sampler.drafter=CKPT (an autoregressive or "
+                               "masked diffusion checkpoint with the same tokenizer)")
+        check_same_tokenizer(drafter, backbone, objective.special)
+        return drafter.to(next(backbone.parameters()).device)
+
+    @torch.no_grad()
+    def generate(self, backbone, objective, prompts, length, seed=0) -> SampleOutput:
+        if length <= 0:
+            raise DiffuseError(f"sampler length={length} must be positive")
+        special, k, B = objective.special, self.k, len(prompts)
+        device = next(backbone.parameters()).device
+        drafter = self._drafter(backbone, objective)
+        drafter_positions = drafter.positions
+        gens = row_generators(seed, B, device)
+        head, head_seg = left_padded(prompts, special, device)
+        W = head.shape[1]
+        seqs = [[special.bos] + list(p) for p in prompts]  # each row's committed tokens, BOS included
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = torch.zeros(B, dtype=torch.bool, device=device)
+        row_verify = torch.zeros(B, dtype=torch.long, device=device)  # verification passes each row ran
+        prefill = torch.zeros(B, dtype=torch.long, device=device)
+        cache = new_cache(backbone, W + length + k + 1)
+        if cache is not None and not isinstance(cache, Seekable):
+            cache = None  # a recurrent state cannot forget rejected drafts: re-run the prefix instead
+        nfe = positions = 0
+        pending = [1] * B  # committed tokens at the end of each row that the cache does not hold yet
+        if cache is not None and W > 1:  # the prompt's prefill, its last token left for the first verification
+            backbone(ids=head[:, :-1], segment_ids=head_seg[:, :-1], causal=True, cache=cache)
+            nfe, positions = nfe + 1, positions + W - 1
+            prefill = (head_seg.sum(1) > 1).long()  # alone, a row with an empty prompt has nothing to prefill
+        accepted_total = drafted_total = 0
+        while not done.all():
+            rows = (~done).nonzero().squeeze(1).tolist()
+            row_gens = [gens[r] for r in rows]
+            drafts, q = drafter.draft([seqs[r][1:] for r in rows], k, row_gens, self.warp)
+            nfe += drafter.passes(k)
+            if cache is not None:
+                ids, seg, at = self._cached_input(seqs, pending, rows, drafts, special, B, device)
+                hidden = backbone(ids=ids, segment_ids=seg, causal=True, cache=cache)
+            else:
+                ids, seg, at = self._full_input(seqs, rows, drafts, special, B, device)
+                hidden = backbone(ids=ids, segment_ids=seg, causal=True)
+            nfe, positions = nfe + 1, positions + ids.shape[1]
+            row_verify[rows] += 1
+            h = hidden[rows][torch.arange(len(rows), device=device)[:, None], at]  # [n, k+1, D]
+            logits = backbone.logits(h).float()
+            logits[..., special.mask] = float("-inf")
+            p = self.warp(logits)
+            n, nxt = self.rule(p, q, drafts, rand_rows(row_gens, (k + 1,), device))
+            accepted_total += int(n.sum())
+            drafted_total += k * len(rows)
+            verified = {}
+            for j, r in enumerate(rows):
+                new = drafts[j, : n[j]].tolist() + [int(nxt[j])]
+                new = new[: length - len(out[r])]
+                if special.eos in new:
+                    new = new[: new.index(special.eos) + 1]
+                out[r] += new
+                seqs[r] += new
+                verified[r] = pending[r] + int(n[j])  # columns of this pass whose K/V are the row's committed tokens
+                if new[-1] == special.eos or len(out[r]) >= length:
+                    done[r] = True
+            if cache is not None and not done.all():  # keep the columns every decoding row verified
+                live = [r for r in rows if not done[r]]
+                keep = min(verified[r] for r in live)
+                cache.truncate(cache.length - ids.shape[1] + keep)
+                for r in live:
+                    pending[r] = verified[r] + 1 - keep
+        tokens = torch.full((B, length), special.pad, dtype=torch.long, device=device)
+        for r, o in enumerate(out):
+            tokens[r, : len(o)] = torch.tensor(o, dtype=torch.long, device=device)
+        tokens, lengths = trim_at_eos(tokens, special)
+        positions += drafter.positions - drafter_positions
+        # what the last call measured: drafts accepted, and tokens emitted per verification pass (per row)
+        self.stats = {"acceptance_rate": accepted_total / max(drafted_total, 1),
+                      "tokens_per_verification": sum(map(len, out)) / max(int(row_verify.sum()), 1)}
+        row_nfe = prefill + row_verify * (1 + drafter.passes(k))
+        return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], row_nfe, positions)
+
+    @staticmethod
+    def _cached_input(seqs, pending, rows, drafts, special, B, device):
+        """Each decoding row's uncached committed tokens then its drafts, right-padded (padding is invisible and
+        comes after the row's tokens, so no row has a hole); finished rows are all padding. Also returns, per
+        decoding row, the columns whose outputs predict the k+1 tokens after the committed ones."""
+        k = drafts.shape[1]
+        width = max(pending[r] for r in rows) + k
+        ids = torch.full((B, width), special.pad, dtype=torch.long, device=device)
+        seg = torch.zeros_like(ids)
+        at = []
+        for j, r in enumerate(rows):
+            e = pending[r]
+            ids[r, :e] = torch.tensor(seqs[r][-e:], device=device)
+            ids[r, e : e + k] = drafts[j]
+            seg[r, : e + k] = 1
+            at.append(torch.arange(e - 1, e + k, device=device))
+        return ids, seg, torch.stack(at)
+
+    @staticmethod
+    def _full_input(seqs, rows, drafts, special, B, device):
+        """No cache: every row's whole sequence and its drafts, left-padded (finished rows: their sequence)."""
+        k = drafts.shape[1]
+        full = [list(s[1:]) for s in seqs]
+        for j, r in enumerate(rows):
+            full[r] = full[r] + drafts[j].tolist()
+        ids, seg = left_padded(full, special, device)
+        width = ids.shape[1]
+        at = torch.arange(width - k - 1, width, device=device).expand(len(rows), k + 1)
+        return ids, seg, at
