@@ -33,7 +33,10 @@ def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
         raise DiffuseError(f"out={out} is not empty: give a new folder, or overwrite=true to write the export's "
                            "files into it (others there are kept)")
     cfg, tokenizer, module = load_run(ckpt)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DiffuseError(f"out={out} cannot be created ({err.strerror or type(err).__name__})") from None
     save_model(module.backbone, str(out_dir / "model.safetensors"))  # drops tied duplicates safely
     (out_dir / CONFIG_FILE).write_text(json.dumps(OmegaConf.to_container(cfg), indent=2))
     tokenizer.save_pretrained(str(out_dir))

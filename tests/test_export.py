@@ -38,3 +38,13 @@ def test_export_never_overwrites_a_non_empty_folder_unless_asked(debug_run, tmp_
     assert done.returncode == 0, done
     assert (out / "notes.txt").read_text() == "kept" and (out / "model.safetensors").is_file()
     assert list(tmp_path.iterdir()) == [out]  # the export's run dir wrote nothing beside it
+
+
+def test_an_export_folder_that_cannot_be_made_is_one_line(debug_run, tmp_path):
+    from conftest import call_main, error_lines
+
+    (tmp_path / "afile").write_text("x")
+    result = call_main("diffuse.export", f"ckpt={debug_run / 'checkpoints' / 'last.ckpt'}",
+                       f"out={tmp_path / 'afile' / 'inside'}")
+    assert result.returncode == 2, result
+    assert error_lines(result.stderr) == [f"error: out={tmp_path / 'afile' / 'inside'} cannot be created (Not a directory)"]
