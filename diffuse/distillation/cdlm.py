@@ -15,7 +15,7 @@ committed) and a later one y⁺ at step j⁺ ~ U{j+1 … b} (j⁺ = b: the block
 
     loss = w_d · distillation + w_c · consistency + w_dlm · diffusion
 
-The seed's `regularizer=cdlm_consistency` is another thing: teacher-free self-consistency between two noise
+`regularizer=cdlm_consistency` is another thing: teacher-free self-consistency between two noise
 levels of one corruption, added to ordinary training (diffuse/regularizers/cdlm_consistency.py).
 """
 

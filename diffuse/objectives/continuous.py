@@ -1,4 +1,4 @@
-"""Gaussian diffusion on token embeddings (Diffusion-LM / DIMBA, seed 000).
+"""Gaussian diffusion on token embeddings (Diffusion-LM, Li et al. 2022, arXiv 2205.14217; DIMBA).
 
 x0 is the embedding of each token, scaled to unit RMS times `embedding_scale` (s), so the embeddings
 cannot collapse to zero to make denoising trivial, and ε ~ N(0, I) has a fixed signal-to-noise ratio

@@ -1,4 +1,4 @@
-"""LLaDA's masked diffusion objective (seed 002, the Axolotl diffusion plugin, done fully).
+"""LLaDA's masked diffusion objective (Nie et al. 2025, arXiv 2502.09992; as the Axolotl diffusion plugin trains it).
 
 t ~ U[0, 1] (antithetic over the batch); mask probability p(t) = ε + (1 − ε)·(1 − α(t)), which is
 LLaDA's p = (1 − ε)·t + ε for the linear schedule; every maskable token is masked with probability

@@ -1,4 +1,4 @@
-"""CDLM consistency (seed 000, generalised to any objective with the noising hooks).
+"""CDLM consistency (self-consistency between two noise levels, generalised to any objective with the noising hooks).
 
 Per row: t_early from the objective's own draw, δ ~ U{delta_min..delta_max} steps of the T grid,
 t_late = max(t_early − δ/T, ε). Both corruptions use the *same* noise (coupled: nested masks for the
