@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+from rich.console import Console
+from rich.table import Table
 
 from diffuse.analysis.curves import draw_curves
 from diffuse.analysis.heatmap import draw_heatmap
@@ -95,9 +97,6 @@ def rows(runs: list[Run], params: list[str], columns: list[str]) -> list[list[st
 
 
 def print_table(runs: list[Run], params: list[str], columns: list[str], title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table()
     for h in ["run", *short_names(params)]:
         table.add_column(h, style="cyan", overflow="fold")
@@ -133,7 +132,7 @@ def write_markdown(path: Path, runs: list[Run], params: list[str], columns: list
 
 def plot_metric(path: Path, runs: list[Run], params: list[str], metric: str) -> bool:
     """One panel per swept parameter: the metric against its values, one line per setting of the rest."""
-    import matplotlib
+    import matplotlib  # local: heavy, and the Agg backend must be chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

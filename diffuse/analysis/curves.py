@@ -68,7 +68,7 @@ def draw_curves(run_dirs: list[str | Path], metric: str = "val/bpt", x: str = "s
         for label, points in series.items():
             w.writerows([label, s, "" if e is None else f"{e:.4f}", f"{v:.6g}"] for s, e, v in points)
 
-    import matplotlib
+    import matplotlib  # local: heavy, and the Agg backend must be chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

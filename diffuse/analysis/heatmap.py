@@ -10,6 +10,8 @@ import csv
 import math
 from pathlib import Path
 
+import numpy as np
+
 from diffuse.analysis import metrics_csv
 from diffuse.core.metrics import BUCKETS
 from diffuse.errors import DiffuseError
@@ -38,11 +40,10 @@ def draw_heatmap(run_dir: str | Path, out: str | Path | None = None) -> Path:
     if not any(title.startswith("gradient") for title, *_ in panels):
         raise DiffuseError(f"heatmap: {csv_path} has no grad/norm_* columns; train with callbacks=analysis")
 
-    import matplotlib
+    import matplotlib  # local: heavy, and the Agg backend must be chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
     fig, axes = plt.subplots(len(panels), 1, figsize=(10, 2.2 * len(panels) + 0.6), squeeze=False)
     for ax, (title, log, steps, matrix) in zip(axes[:, 0], panels):

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from diffuse.core.io import write_text_atomic
 from diffuse.errors import DiffuseError
@@ -103,8 +103,6 @@ class HFTokenizer:
         self.path = path
 
     def __call__(self, texts=None, cache_dir: str | None = None, fingerprint: str = ""):
-        from transformers import AutoTokenizer
-
         try:
             tok = AutoTokenizer.from_pretrained(self.path)
         except (OSError, ValueError) as err:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from diffuse.contracts import is_autoregressive
 from diffuse.errors import DiffuseError
@@ -54,8 +55,6 @@ class DiffuseJudge:
 
 class HFJudge:
     def __init__(self, model_name: str, device: torch.device):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         try:
             self.tokenizer = AutoTokenizer.from_pretrained(model_name)
             self.model = AutoModelForCausalLM.from_pretrained(model_name).to(device).eval()

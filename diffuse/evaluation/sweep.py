@@ -89,7 +89,7 @@ def speedup(a: list[dict], b: list[dict], reference_steps: int | None = None, to
 def plot_curves(curves: dict[str, list[dict]], path: str | Path, reference: dict | None = None,
                 title: str = "steps vs quality", xlabel: str = "sampling steps (AR: NFE)") -> Path:
     """Gen-PPL, entropy and seconds per sample against steps, one line per label; real text dashed."""
-    import matplotlib
+    import matplotlib  # local: heavy, and the Agg backend must be chosen before pyplot
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

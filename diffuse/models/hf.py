@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from diffuse.core.checks import check_range
 from diffuse.errors import DiffuseError
@@ -44,7 +45,6 @@ class HFCausalLM(nn.Module):
         super().__init__()
         check_range("model.d_model", d_model, 1, integer=True, null="config.hidden_size")
         check_range("model.n_layers", n_layers, 1, integer=True, null="config.num_hidden_layers")
-        from transformers import AutoModelForCausalLM
 
         torch_dtype = getattr(torch, str(dtype), None)
         if not isinstance(torch_dtype, torch.dtype):
@@ -107,8 +107,6 @@ def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
 
 
 def _config_from_dict(config: dict | None, vocab_size: int, generic: dict):
-    from transformers import AutoConfig
-
     spec = dict(config or {})
     model_type = spec.pop("model_type", None)
     if model_type is None:
@@ -126,8 +124,6 @@ def _config_from_dict(config: dict | None, vocab_size: int, generic: dict):
 
 
 def _load_pretrained(base_model: str, attn_implementation: str, torch_dtype):
-    from transformers import AutoModelForCausalLM
-
     local = Path(base_model).expanduser()
     if str(base_model).startswith((".", "/", "~")) and not local.is_dir():
         raise DiffuseError(f"model.base_model={base_model} is not a folder")

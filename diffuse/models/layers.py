@@ -185,7 +185,7 @@ def flex_block_mask(segment_ids: torch.Tensor | None, causal: bool, layout: Bloc
     """The same pattern as `attention_mask` / `BlockLayout.mask`, as a FlexAttention BlockMask over the
     length padded to a multiple of FLEX_BLOCK (the padded keys are invisible, padded queries see themselves;
     the attention pads q, k, v to the mask's length and crops its output)."""
-    from torch.nn.attention.flex_attention import create_block_mask
+    from torch.nn.attention.flex_attention import create_block_mask  # local: only with model.attention=flex
 
     padded = -(-length // FLEX_BLOCK) * FLEX_BLOCK
     extra = padded - length

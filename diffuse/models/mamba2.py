@@ -34,7 +34,7 @@ log = logging.getLogger("diffuse")
 def kernel_scan():
     """mamba_ssm's chunked-scan kernel, or None. Imported lazily: mamba_ssm loads CUDA code on import."""
     try:
-        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+        from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined  # optional [cuda] extra
     except Exception:  # ImportError, or a CUDA/Triton failure while importing
         return None
     return mamba_chunk_scan_combined

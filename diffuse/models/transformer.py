@@ -109,7 +109,7 @@ ATTENTION = ("sdpa", "flex")
 @functools.cache
 def compiled_flex_attention():
     """FlexAttention runs compiled (on CPU too: its eager path materialises every score)."""
-    from torch.nn.attention.flex_attention import flex_attention
+    from torch.nn.attention.flex_attention import flex_attention  # local: only with model.attention=flex
 
     return torch.compile(flex_attention, dynamic=False)
 
