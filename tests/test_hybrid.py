@@ -1,7 +1,8 @@
 """objective=hybrid (TiDAR): the [x ; d] layout and its mask (both streams, documents), FlexAttention against
 SDPA on it, the AR term equal to objective=autoregressive, the draft term by hand (draft_noise=full) and the
 uniform-predictor identities, documents and padding that never leak, and the CLI: training, val/nelbo,
-sampler=ar on the clean row with its KV cache, mamba2 refused."""
+sampling with its default sampler=speculative (the draft row drafts, the clean row verifies; tests/test_speculative.py
+checks its exactness), mamba2 refused."""
 
 from __future__ import annotations
 
@@ -246,17 +247,30 @@ def test_the_clean_row_is_the_causal_model_so_its_kv_is_ars_cache():
 
 
 # -- configuration and samplers ------------------------------------------------------------------------
-def test_sampler_ar_is_the_default_and_diffusion_samplers_are_refused():
+def test_speculative_self_drafting_is_the_default_ar_fits_and_diffusion_samplers_are_refused():
     from diffuse.run.build import build_sampler
     from diffuse.sampling.ar import ARSampler
+    from diffuse.sampling.speculative import (
+        HybridDrafter,
+        SelfDrafting,
+        SpeculativeSampler,
+    )
 
     obj = hybrid(4)
-    assert isinstance(build_sampler({}, obj), ARSampler)
+    sampler = build_sampler({}, obj)
+    assert isinstance(sampler, SpeculativeSampler) and sampler.drafter is None
+    assert isinstance(obj, SelfDrafting) and isinstance(obj.self_drafter(tiny_transformer()), HybridDrafter)
+    assert isinstance(build_sampler({"name": "ar"}, obj), ARSampler)
     for name in ("block", "remask"):
         with pytest.raises(DiffuseError, match=f"sampler={name} decodes"):
             build_sampler({"name": name}, obj)
-    out = ARSampler(temperature=0).generate(tiny_transformer(), obj, [[SPECIAL.bos, 3], [SPECIAL.bos]], 6)
+    model = tiny_transformer()
+    out = sampler.generate(model, obj, [[SPECIAL.bos, 3], [SPECIAL.bos]], 6)
     assert out.tokens.shape == (2, 6)
+    assert not model.training  # (tiny_transformer is in eval mode) the drafter leaves the mode to its caller
+    model.train()
+    sampler.generate(model, obj, [[3]], 2)
+    assert model.training
 
 
 @pytest.mark.parametrize("kw,message", [
@@ -271,7 +285,7 @@ def test_bad_settings_are_one_line(kw, message):
     assert str(err.value) == message
 
 
-def test_cli_trains_reports_val_nelbo_samples_with_ar_and_refuses_mamba2(corpus, tmp_path):
+def test_cli_trains_reports_val_nelbo_samples_and_refuses_mamba2(corpus, tmp_path):
     run = tmp_path / "run"
     r = call_main("diffuse.train", *tiny_args(corpus, run, "objective=hybrid", "objective.block_size=4",
                                               "trainer.max_steps=4", "trainer.val_check_interval=4"))

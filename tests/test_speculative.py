@@ -7,6 +7,10 @@
     distribution of 20k length-3 continuations matches the enumerated AR distribution within its sampling
     error, and a wrong rule does not.
 (3) The CLI: `python -m diffuse.sample ckpt=<AR> sampler=speculative sampler.drafter=<AR or masked ckpt>`.
+(4) objective=hybrid drafting for itself (HybridDrafter, its default sampler): the draft block's distributions are
+    the training layout's, greedy tokens are the AR sampler's on the same network, the temperature-1 distribution
+    is AR's within its sampling error, and `python -m diffuse.sample ckpt=<hybrid>` (speculative by default) gives
+    sampler=ar's tokens at temperature 0.
 """
 
 from __future__ import annotations
@@ -15,12 +19,14 @@ import json
 
 import pytest
 import torch
-from conftest import SPECIAL, call_main, error_lines, tiny_args, tiny_transformer
+from conftest import SPECIAL, VOCAB, call_main, error_lines, tiny_args, tiny_transformer
 from omegaconf import OmegaConf
 from scipy import stats
 
 from diffuse.errors import DiffuseError
+from diffuse.models.layers import BlockLayout
 from diffuse.objectives.autoregressive import Autoregressive
+from diffuse.objectives.hybrid import Hybrid
 from diffuse.objectives.masked_discrete import MaskedDiscrete
 from diffuse.run.build import build_sampler
 from diffuse.run.entry import sampler_spec
@@ -30,6 +36,7 @@ from diffuse.sampling.base import trim_at_eos, truncate
 from diffuse.sampling.speculative import (
     ARDrafter,
     Drafter,
+    HybridDrafter,
     MaskedDrafter,
     SpeculativeSampler,
     Warp,
@@ -257,10 +264,10 @@ def exactness_setup():
     return target, prompt, exact
 
 
-def speculative_samples(sampler, target, prompt, n=N_EXACT, chunk=5000):
+def speculative_samples(sampler, target, prompt, n=N_EXACT, chunk=5000, objective=AR_OBJ):
     samples = []
     for start in range(0, n, chunk):
-        out = sampler.generate(target, AR_OBJ, [prompt] * chunk, 3, seed=1000 + start)
+        out = sampler.generate(target, objective, [prompt] * chunk, 3, seed=1000 + start)
         samples += [tuple(row) for row in out.tokens.tolist()]
     return samples
 
@@ -397,3 +404,137 @@ def test_a_backbone_without_a_cache_gives_the_same_samples():
     assert torch.equal(cached.tokens, uncached.tokens)
     prefill = torch.tensor([len(p) > 0 for p in PROMPTS]).long()  # the cache's one pass over a prompt
     assert torch.equal(cached.row_nfe, uncached.row_nfe + prefill)
+
+
+# -- (4) objective=hybrid drafts for itself ---------------------------------------------------------------------
+def hybrid_objective(block_size=4):
+    return Hybrid(build_schedule("linear"), SPECIAL, block_size=block_size)
+
+
+def chain_batch(g, B=32, L=16, states=8, stay=0.75):
+    """Rows of a Markov chain over tokens 0..7 (x+1 with probability `stay`, else uniform): what a block drafter
+    can partly predict several tokens ahead."""
+    x = torch.empty(B, L, dtype=torch.long)
+    x[:, 0] = SPECIAL.bos
+    x[:, 1] = torch.randint(0, states, (B,), generator=g)
+    for j in range(2, L):
+        step = torch.where(torch.rand(B, generator=g) < stay, 1, torch.randint(0, states, (B,), generator=g))
+        x[:, j] = (x[:, j - 1] + step) % states
+    return {"input_ids": x, "segment_ids": torch.ones_like(x)}
+
+
+@pytest.fixture(scope="module")
+def trained_hybrid():
+    """A tiny transformer trained 150 steps as objective=hybrid (block 4) on the chain: its draft block agrees
+    with its clean row part of the time (an untrained one's drafts are nearly always rejected)."""
+    objective, model = hybrid_objective(4), tiny_transformer(seed=0).train()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        loss = objective.loss(model, chain_batch(g), g).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), objective
+
+
+def test_the_hybrid_drafts_with_its_training_layouts_draft_block():
+    """Draft block j of the training pass over [x ; MASK…] predicts x_{j·b…} from x_<j·b; the self-drafter, given
+    the context x_1..x_{j·b−1} (BOS is its own), gives the same distributions, with left padding too."""
+    model, objective = sharp_transformer(seed=0), hybrid_objective(4)
+    drafter = objective.self_drafter(model)
+    assert isinstance(drafter, (Drafter, HybridDrafter)) and drafter.passes(4) == 1
+    assert (drafter.draft_length, drafter.max_draft_length) == (4, 4)
+    x = torch.randint(0, 36, (1, 12), generator=torch.Generator().manual_seed(0))
+    x[0, 0] = SPECIAL.bos
+    with torch.no_grad():
+        train = model(ids=torch.cat([x, torch.full_like(x, SPECIAL.mask)], 1),
+                      layout=BlockLayout.clean_and_draft(12, 4))
+        train_logits = model.logits(train[:, 12:]).float()
+    train_logits[..., SPECIAL.mask] = float("-inf")
+    warp = Warp(temperature=1.0)
+    contexts = [x[0, 1:8].tolist(), x[0, 1:4].tolist(), [5, 6]]  # blocks 2 and 1, and a shorter row (left padding)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    tokens, q = drafter.draft(contexts, 4, gens, warp)
+    torch.testing.assert_close(q[0], warp(train_logits[0, 8:12]), rtol=0, atol=1e-5)
+    torch.testing.assert_close(q[1], warp(train_logits[0, 4:8]), rtol=0, atol=1e-5)
+    alone, q_alone = drafter.draft([contexts[1]], 4, [torch.Generator().manual_seed(1)], warp)
+    torch.testing.assert_close(q_alone[0], q[1], rtol=0, atol=1e-5)
+    assert torch.equal(alone[0], tokens[1]) and drafter.positions == (8 + 4) + (4 + 4)  # the batch's widths
+    # k < b: the first k positions of a block of k masks (shorter blocks end documents in training)
+    _, q2 = drafter.draft([contexts[0]], 2, [torch.Generator()], warp)
+    assert q2.shape == (1, 2, VOCAB)
+
+
+@pytest.mark.parametrize("k", [None, 1, 3, 4])
+def test_greedy_hybrid_self_drafting_gives_the_ar_samplers_tokens(trained_hybrid, k):
+    prompts = PROMPTS + [[i % 8, (3 * i) % 8, (7 * i) % 36] for i in range(12)] + [[0, 1, 2, 3, 4, 5, 6]]
+    for model, objective in (trained_hybrid, (sharp_transformer(seed=0), hybrid_objective(4))):
+        sampler = SpeculativeSampler(draft_length=k, temperature=0.0)
+        ar = ARSampler(temperature=0.0).generate(model, objective, prompts, 10)
+        batch = sampler.generate(model, objective, prompts, 10)
+        assert sampler.stats["draft_length"] == (k or 4)
+        assert torch.equal(batch.tokens, ar.tokens) and torch.equal(batch.lengths, ar.lengths)
+        for i, p in enumerate(prompts[:8]):  # batch = singles (left padding)
+            alone = sampler.generate(model, objective, [p], 10)
+            assert torch.equal(alone.tokens[0], batch.tokens[i]) and alone.nfe == batch.row_nfe[i]
+    # the trained drafter is right most of the time on the chain: fewer passes than AR
+    model, objective = trained_hybrid
+    sampler = SpeculativeSampler(draft_length=k, temperature=0.0)
+    out = sampler.generate(model, objective, [[0, 1, 2]], 12)
+    ar_nfe = ARSampler(temperature=0.0).generate(model, objective, [[0, 1, 2]], 12).nfe
+    assert sampler.stats["acceptance_rate"] > 0.5
+    assert out.nfe < ar_nfe or k == 1  # (k = 1: two passes for at most two tokens)
+
+
+def test_hybrid_self_drafting_at_temperature_one_has_the_exact_ar_distribution(trained_hybrid):
+    model, objective = trained_hybrid
+    prompt = [1, 2, 3]
+    exact = exact_continuations(model, prompt, 3, top_k=4)
+    sampler = SpeculativeSampler(draft_length=3, top_k=4)
+    tv, bound, chi = tv_and_bound(exact, speculative_samples(sampler, model, prompt, objective=objective))
+    print(f"\nhybrid self-drafter: {len(exact)} continuations; TV {tv:.4f} (bound {bound:.4f}), chi-square p "
+          f"{chi:.3g}; acceptance {sampler.stats['acceptance_rate']:.2f}, "
+          f"tokens/verification {sampler.stats['tokens_per_verification']:.2f}")
+    assert tv < bound and chi > 1e-4
+    assert 0.2 < sampler.stats["acceptance_rate"] < 0.95  # both branches of the rule are exercised
+
+
+def test_hybrid_draft_length_defaults_to_its_block_and_a_longer_one_is_one_line():
+    model = sharp_transformer(seed=0)
+    for b, k in ((2, 2), (8, 4)):
+        sampler = SpeculativeSampler(temperature=0.0)
+        sampler.generate(model, hybrid_objective(b), [[1, 2]], 5)
+        assert sampler.stats["draft_length"] == k
+    with pytest.raises(DiffuseError) as err:
+        SpeculativeSampler(draft_length=5).generate(model, hybrid_objective(4), [[1]], 4)
+    assert str(err.value) == ("sampler.draft_length=5 is more than objective=hybrid's draft block drafts at once "
+                              "(4 tokens); use sampler.draft_length ≤ 4, or null for 4")
+    # an explicit drafter still wins over the hybrid's own
+    other = ARDrafter(sharp_transformer(seed=1), AR_OBJ)
+    sampler = SpeculativeSampler(other, draft_length=6, temperature=0.0)
+    sampler.generate(model, hybrid_objective(4), [[1]], 6)
+    assert sampler.stats["draft_length"] == 6 and other.positions > 0
+
+
+def test_sample_cli_decodes_a_hybrid_with_speculative_sampling_by_default(corpus, tmp_path):
+    run = tmp_path / "hybrid"
+    trained = call_main("diffuse.train", *tiny_args(corpus, run, "objective=hybrid", "objective.block_size=4",
+                                                      "trainer.max_steps=30", "trainer.val_check_interval=30"))
+    assert trained.returncode == 0, trained
+    ckpt = run / "checkpoints" / "last.ckpt"
+    common = ["num_samples=3", "length=16", "prompt=The"]
+    spec = call_main("diffuse.sample", f"ckpt={ckpt}", *common, "sampler.temperature=0", f"hydra.run.dir={tmp_path / 's'}")
+    assert spec.returncode == 0, spec
+    ar = call_main("diffuse.sample", f"ckpt={ckpt}", *common, "sampler=ar", "sampler.temperature=0",
+                   f"hydra.run.dir={tmp_path / 'a'}")
+    assert ar.returncode == 0, ar
+    records = {name: [json.loads(line) for line in (tmp_path / name / "samples.jsonl").read_text().splitlines()]
+               for name in ("s", "a")}
+    assert {r["sampler"] for r in records["s"]} == {"speculative"} and {r["sampler"] for r in records["a"]} == {"ar"}
+    assert [r["text"] for r in records["s"]] == [r["text"] for r in records["a"]]
+    assert [r["length"] for r in records["s"]] == [r["length"] for r in records["a"]]
+    too_long = call_main("diffuse.sample", f"ckpt={ckpt}", "num_samples=1", "length=4", "sampler.draft_length=8",
+                         f"hydra.run.dir={tmp_path / 'x'}")
+    assert too_long.returncode != 0 and len(error_lines(too_long.stderr)) == 1
+    assert "sampler.draft_length=8 is more than objective=hybrid's draft block" in error_lines(too_long.stderr)[0]

@@ -23,9 +23,11 @@ under `full`, the noise hooks change.
 
 val/nelbo is the clean row's AR NLL (nats/token, exactly what objective=autoregressive reports on the same
 weights and data), so the hybrid and the AR model sit on one scale. Because the clean row never sees the draft
-row, its K/V are AR's KV cache: the process is `autoregressive` and sampler=ar decodes the hybrid with its
-causal stream and the transformer's KV cache (its default for now; the speculative sampler that drafts with the
-draft row and verifies with the clean row, sampling/speculative.py, is to become the default).
+row, its K/V are AR's KV cache: the process is `autoregressive`, and the hybrid decodes itself (`SelfDrafting`):
+its default sampler=speculative drafts k ≤ block_size tokens in one pass of the draft row
+(`self_drafter`: sampling/speculative.py HybridDrafter, a draft block of k masks right after the context) and
+verifies them with the clean row and its KV cache — exactly AR's distribution; sampler=ar decodes the clean row
+alone (the same tokens at temperature 0).
 """
 
 from __future__ import annotations
@@ -89,7 +91,7 @@ class Drafter(AbsorbingObjective):
 class Hybrid(nn.Module):
     process = AUTOREGRESSIVE  # the clean row is an AR model: exact NLL, sampler=ar with its KV cache
     causal = True
-    default_sampler = "ar"  # for now: the speculative sampler (drafts verified by the clean row) will take over
+    default_sampler = "speculative"  # drafts by the draft row (self_drafter), verified by the clean row: exact AR
 
     def __init__(self, schedule: Schedule, special: SpecialTokens, block_size: int = 16, draft_noise: str = "full",
                  diffusion_weight: float = 1.0, eps: float = 1e-3):
@@ -111,6 +113,14 @@ class Hybrid(nn.Module):
         if backbone.time_conditioned:
             raise DiffuseError("objective=hybrid decodes as an AR model, whose passes carry no t: set "
                                "model.time_conditioning=false")
+
+    def self_drafter(self, backbone):
+        """sampler=speculative's drafter when none is given (SelfDrafting): the draft row of this very network,
+        k ≤ block_size masks after the context in one pass."""
+        # the sampler's drafter class (sampling/speculative.py imports no objective: no circle)
+        from diffuse.sampling.speculative import HybridDrafter
+
+        return HybridDrafter(backbone, self)
 
     def loss(self, backbone, batch, generator=None, train: bool = True) -> LossOutput:
         diffusion = self.drafter.loss(backbone, batch, generator, train)

@@ -22,8 +22,11 @@ loaded by the commands (diffuse/run/entry.py `sampler_spec`; this layer imports 
   `ARDrafter`      an autoregressive model drafts k tokens left to right (k passes; classic speculative decoding);
   `MaskedDrafter`  an absorbing-state model (masked_discrete, llada; full-sequence or block diffusion) masks the k
                    positions after the context and drafts them in one pass, each from its own marginal q_i.
-An objective that drafts with the target's own network (the hybrid's draft head) implements `SelfDrafting`
-and is used when no drafter is given.
+  `HybridDrafter`  objective=hybrid drafts with the target's own network (`SelfDrafting`: used when no drafter is
+                   given): one pass over [BOS, context as the clean row ; k [MASK] as one draft block right after
+                   it], q_i the draft block's distributions (k ≤ objective.block_size).
+`sampler.draft_length=null` takes the drafter's own k (`Drafter.draft_length`: 4, the hybrid min(block_size, 4)); a
+k past what the drafter drafts in one pass (`max_draft_length`: the hybrid's block) is refused in one line.
 
 Cost: NFE = the target's verification passes + the drafter's passes; `positions` counts both networks' widths.
 """
@@ -114,6 +117,8 @@ class Drafter(Protocol):
     vocab_size: int
     special: Any  # SpecialTokens: must equal the target's
     positions: int  # positions run through its network so far
+    draft_length: int  # k when sampler.draft_length is null
+    max_draft_length: int | None  # the most tokens one `draft` call proposes (None: any)
 
     def passes(self, k: int) -> int:
         """Forward passes one `draft` call of k tokens costs."""
@@ -136,8 +141,14 @@ class SelfDrafting(Protocol):
     def self_drafter(self, backbone) -> Drafter: ...
 
 
+DRAFT_LENGTH = 4  # k of a drafter that has no preference of its own (sampler.draft_length=null)
+
+
 class _ModelDrafter:
     """A diffuse checkpoint's backbone and objective (eval mode) as a drafter."""
+
+    draft_length: int = DRAFT_LENGTH
+    max_draft_length: int | None = None
 
     def __init__(self, backbone, objective, name: str = "drafter"):
         self.backbone, self.objective, self.name = backbone.eval(), objective, name
@@ -214,6 +225,48 @@ class MaskedDrafter(_ModelDrafter):
         return draw(q, rand_rows(gens, (k,), device)), q
 
 
+class HybridDrafter(_ModelDrafter):
+    """objective=hybrid's own draft block (objectives/hybrid.py, TiDAR), on the target's network: one pass over
+    [PAD…, BOS, context ; MASK × k] in the hybrid's layout (models/layers.py BlockLayout.clean_and_draft): the
+    context is the clean row (token-causal), the k masks one draft block right after it, keyed at the context's
+    width W, so it sees itself bidirectionally and every clean context token; mask i sits at RoPE position W + i
+    and predicts the token W + i, as draft block j predicts tokens j·b … j·b+b−1 from x_<j·b in training (RoPE is
+    relative: the block's offset in the row does not matter). q_i = warp(its logits), the k drafts drawn
+    independently. k ≤ objective.block_size: training never showed a block longer than that.
+
+    Every call runs the whole context again (W + k positions): the clean row's K/V are the target's KV cache, but
+    the sampler drafts before the last committed token (the verification's residual or bonus draw) has K/V there,
+    and a cached call of [that token causally ; the mask block bidirectionally] is a pattern the transformer's
+    cached forward does not take (a block layout or a cache, not both). The backbone's train/eval mode is the
+    caller's: it is the model being trained or sampled."""
+
+    def __init__(self, backbone, objective, name: str = "objective=hybrid's draft block"):
+        self.backbone, self.objective, self.name = backbone, objective, name
+        self.vocab_size, self.special, self.positions = backbone.vocab_size, objective.special, 0
+        self.max_draft_length = int(objective.block_size)
+        self.draft_length = min(self.max_draft_length, DRAFT_LENGTH)
+
+    def passes(self, k: int) -> int:
+        return 1
+
+    @torch.no_grad()
+    def draft(self, contexts, k, gens, warp):
+        special, device = self.special, self.device
+        head, head_seg = left_padded(contexts, special, device)
+        B, W = head.shape
+        z = torch.cat([head, torch.full((B, k), special.mask, dtype=torch.long, device=device)], 1)
+        seg = torch.cat([head_seg, torch.ones(B, k, dtype=torch.long, device=device)], 1)
+        columns = torch.arange(W + k, device=device)
+        # clean_and_draft's rule: clean token j keyed j (causal), the draft block keyed W (sees clean < W)
+        layout = BlockLayout(torch.where(columns < W, columns, W), columns < W, columns)
+        hidden = self.backbone(ids=z, segment_ids=seg, layout=layout)
+        self.positions += W + k
+        logits = self.backbone.logits(hidden[:, W:]).float()
+        logits[..., special.mask] = float("-inf")
+        q = warp(logits)
+        return draw(q, rand_rows(gens, (k,), device)), q
+
+
 def drafter_from(backbone, objective, name: str = "sampler.drafter") -> Drafter:
     """The drafter a checkpoint's backbone and objective make: autoregressive → ARDrafter, absorbing-state
     (masked_discrete, llada, full-sequence or block) → MaskedDrafter; anything else one line."""
@@ -242,15 +295,15 @@ class SpeculativeSampler:
     any_length = False  # positions past data.seq_len were never trained (drafts may run k past it: never kept)
     rule = staticmethod(speculative_rule)  # (p, q, drafts, u) → (accepted, next token); tests swap in wrong ones
 
-    def __init__(self, drafter: Any = None, draft_length: int = 4, temperature: float = 1.0,
+    def __init__(self, drafter: Any = None, draft_length: int | None = None, temperature: float = 1.0,
                  top_k: int | None = None, top_p: float | None = None):
         if isinstance(drafter, (str, os.PathLike)):
             raise DiffuseError(f"sampler.drafter={drafter} is a checkpoint path, which only diffuse.sample, evaluate "
                                "and compare load; here (a training config?) use sampler=ar")
         if drafter is not None and not isinstance(drafter, Drafter):
             raise DiffuseError(f"sampler.drafter must be a checkpoint path or a Drafter, not {type(drafter).__name__}")
-        check_range("sampler.draft_length", draft_length, 1, integer=True)
-        self.drafter, self.k = drafter, int(draft_length)
+        check_range("sampler.draft_length", draft_length, 1, integer=True, null="the drafter's own")
+        self.drafter, self.k = drafter, None if draft_length is None else int(draft_length)
         self.warp = Warp(temperature, top_k, top_p)
         self.stats: dict[str, float] = {}
 
@@ -264,13 +317,22 @@ class SpeculativeSampler:
         check_same_tokenizer(drafter, backbone, objective.special)
         return drafter.to(next(backbone.parameters()).device)
 
+    def draft_length(self, drafter: Drafter) -> int:
+        """k: sampler.draft_length, or the drafter's own when null; at most what it drafts in one call."""
+        k, most = (drafter.draft_length if self.k is None else self.k), drafter.max_draft_length
+        if most is not None and k > most:
+            raise DiffuseError(f"sampler.draft_length={k} is more than {drafter.name} drafts at once ({most} tokens); "
+                               f"use sampler.draft_length ≤ {most}, or null for {drafter.draft_length}")
+        return k
+
     @torch.no_grad()
     def generate(self, backbone, objective, prompts, length, seed=0) -> SampleOutput:
         if length <= 0:
             raise DiffuseError(f"sampler length={length} must be positive")
-        special, k, B = objective.special, self.k, len(prompts)
+        special, B = objective.special, len(prompts)
         device = next(backbone.parameters()).device
         drafter = self._drafter(backbone, objective)
+        k = self.draft_length(drafter)
         drafter_positions = drafter.positions
         gens = row_generators(seed, B, device)
         head, head_seg = left_padded(prompts, special, device)
@@ -331,10 +393,13 @@ class SpeculativeSampler:
         for r, o in enumerate(out):
             tokens[r, : len(o)] = torch.tensor(o, dtype=torch.long, device=device)
         tokens, lengths = trim_at_eos(tokens, special)
-        positions += drafter.positions - drafter_positions
-        # what the last call measured: drafts accepted, and tokens emitted per verification pass (per row)
-        self.stats = {"acceptance_rate": accepted_total / max(drafted_total, 1),
-                      "tokens_per_verification": sum(map(len, out)) / max(int(row_verify.sum()), 1)}
+        draft_positions = drafter.positions - drafter_positions
+        positions += draft_positions
+        # what the last call measured: drafts accepted, tokens emitted per verification pass (per row), and the
+        # positions the drafter ran (of `positions`)
+        self.stats = {"draft_length": k, "acceptance_rate": accepted_total / max(drafted_total, 1),
+                      "tokens_per_verification": sum(map(len, out)) / max(int(row_verify.sum()), 1),
+                      "draft_positions": draft_positions}
         row_nfe = prefill + row_verify * (1 + drafter.passes(k))
         return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], row_nfe, positions)
 
