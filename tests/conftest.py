@@ -120,6 +120,15 @@ class ZeroBackbone(nn.Module):
         return hidden.expand(*hidden.shape[:-1], self.vocab_size).clone()
 
 
+class UniformBlockBackbone(ZeroBackbone):
+    """ZeroBackbone that also takes a block layout (block diffusion, the hybrid): the uniform predictor there."""
+
+    supports_block_layout = True
+
+    def forward(self, ids=None, t=None, segment_ids=None, layout=None, **_):
+        return torch.zeros(*ids.shape, 1) + 0 * self.anchor
+
+
 class FixedLogits(nn.Module):
     """Returns given logits [B, L, V] whatever the input; records the inputs it saw."""
 

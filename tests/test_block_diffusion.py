@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SPECIAL, VOCAB, call_main, error_lines, tiny_args, tiny_transformer
+from conftest import SPECIAL, UniformBlockBackbone, VOCAB, call_main, error_lines, tiny_args, tiny_transformer
 from diffuse.errors import DiffuseError
 from diffuse.core.metrics import NELBO
 from diffuse.models.layers import BlockLayout
@@ -37,21 +37,7 @@ def gen(i):
     return torch.Generator().manual_seed(i)
 
 
-class UniformBackbone(nn.Module):
-    """All logits zero; takes a block layout (the uniform predictor of the identity)."""
-
-    time_conditioned = False
-    supports_block_layout = True
-
-    def __init__(self):
-        super().__init__()
-        self.vocab_size, self.anchor = VOCAB, nn.Parameter(torch.zeros(()))
-
-    def forward(self, ids=None, t=None, segment_ids=None, layout=None, **_):
-        return torch.zeros(*ids.shape, 1) + 0 * self.anchor
-
-    def logits(self, hidden):
-        return hidden.expand(*hidden.shape[:-1], self.vocab_size).clone()
+UniformBackbone = UniformBlockBackbone
 
 
 # -- the mask ---------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SPECIAL, VOCAB, call_main, error_lines, tiny_args, tiny_transformer
+from conftest import SPECIAL, UniformBlockBackbone, VOCAB, call_main, error_lines, tiny_args, tiny_transformer
 from diffuse.core.metrics import NELBO
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout
@@ -164,19 +164,7 @@ def test_full_draft_loss_is_a_plain_ce_over_every_draft_position_by_hand():
     assert out.metrics["draft_mask_ratio"].item() == 1.0
 
 
-class UniformBackbone(nn.Module):
-    time_conditioned = False
-    supports_block_layout = True
-
-    def __init__(self):
-        super().__init__()
-        self.vocab_size, self.anchor = VOCAB, nn.Parameter(torch.zeros(()))
-
-    def forward(self, ids=None, t=None, segment_ids=None, layout=None, **_):
-        return torch.zeros(*ids.shape, 1) + 0 * self.anchor
-
-    def logits(self, hidden):
-        return hidden.expand(*hidden.shape[:-1], self.vocab_size).clone()
+UniformBackbone = UniformBlockBackbone
 
 
 @pytest.mark.parametrize("b", [1, 4])

@@ -1,7 +1,7 @@
 """Exact speculative sampling (Leviathan et al. 2023; Chen et al. 2023): an autoregressive model's own output
 distribution, with k tokens drafted at a time by a cheaper drafter and verified in one pass of the target.
 
-The rule (DESIGN.md §7), `speculative_rule`: drafts d_1..d_k drawn from q_1..q_k (q_i may depend on d_<i);
+The rule (Leviathan et al. 2023; Chen et al. 2023), `speculative_rule`: drafts d_1..d_k drawn from q_1..q_k (q_i may depend on d_<i);
 the target's pass over [last committed token ; d_1..d_k] gives p_1..p_{k+1}. For i = 1..k accept d_i with
 probability min(1, p_i(d_i)/q_i(d_i)); at the first rejection draw from norm(max(0, p_i − q_i)) and stop; if
 every draft is accepted, draw a bonus token from p_{k+1}. Every emitted token is distributed exactly as AR
@@ -193,6 +193,13 @@ class ARDrafter(_ModelDrafter):
         return torch.stack(tokens, 1), torch.stack(qs, 1)
 
 
+def masked_canvas(contexts, k: int, special, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[PAD…, BOS, context, MASK × k] per row (left-padded to the longest context) and its segment ids."""
+    head, head_seg = left_padded(contexts, special, device)
+    masks = torch.full((head.shape[0], k), special.mask, dtype=torch.long, device=device)
+    return torch.cat([head, masks], 1), torch.cat([head_seg, torch.ones_like(masks)], 1)
+
+
 class MaskedDrafter(_ModelDrafter):
     """An absorbing-state model drafts the k positions after the context in one pass: canvas [BOS, context,
     MASK × k], q_i its (SUBS) distribution at the i-th mask, each draft drawn independently from its q_i. A full-
@@ -205,10 +212,8 @@ class MaskedDrafter(_ModelDrafter):
     @torch.no_grad()
     def draft(self, contexts, k, gens, warp):
         special, device = self.special, self.device
-        head, head_seg = left_padded(contexts, special, device)
-        B, W = head.shape
-        z = torch.cat([head, torch.full((B, k), special.mask, dtype=torch.long, device=device)], 1)
-        seg = torch.cat([head_seg, torch.ones(B, k, dtype=torch.long, device=device)], 1)
+        z, seg = masked_canvas(contexts, k, special, device)
+        B, W = z.shape[0], z.shape[1] - k
         size = block_size_of(self.objective)
         if size:
             columns = torch.arange(W + k, device=device)
@@ -252,10 +257,8 @@ class HybridDrafter(_ModelDrafter):
     @torch.no_grad()
     def draft(self, contexts, k, gens, warp):
         special, device = self.special, self.device
-        head, head_seg = left_padded(contexts, special, device)
-        B, W = head.shape
-        z = torch.cat([head, torch.full((B, k), special.mask, dtype=torch.long, device=device)], 1)
-        seg = torch.cat([head_seg, torch.ones(B, k, dtype=torch.long, device=device)], 1)
+        z, seg = masked_canvas(contexts, k, special, device)
+        W = z.shape[1] - k
         columns = torch.arange(W + k, device=device)
         # clean_and_draft's rule: clean token j keyed j (causal), the draft block keyed W (sees clean < W)
         layout = BlockLayout(torch.where(columns < W, columns, W), columns < W, columns)
