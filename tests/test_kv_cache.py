@@ -1,6 +1,7 @@
 """The transformer's static KV cache: pre-allocated buffers written in place, logits equal to a full
 causal forward at every position (left padding and packed segments invisible), the AR sampler's
-tokens unchanged by it, and a clear error past its capacity."""
+tokens unchanged by it, and a clear error past its capacity. A block layout call against the cache (the hybrid's
+draft block after its clean row) equals the uncached layout call over the whole span at the new positions."""
 
 import pytest
 import torch
@@ -124,3 +125,66 @@ def test_ar_sampler_tokens_are_the_same_with_and_without_the_cache(sampler):
             alone = sampler.generate(model, AR_OBJ, [p], 16, seed=seed)
             if sampler.temperature == 0.0:
                 assert torch.equal(alone.tokens[0], cached.tokens[r])
+
+
+# -- a block layout against the cache (the hybrid's draft block after its clean row) -----------------------------
+def full_layout(offset, new):
+    """The uncached layout of [cached positions (clean, keyed by position) ; the new span's `new` layout]."""
+    from diffuse.models.layers import BlockLayout
+
+    before = torch.arange(offset)
+    return BlockLayout(torch.cat([before, new.block + offset]),
+                       torch.cat([torch.ones(offset, dtype=torch.bool), new.clean]),
+                       torch.cat([before, new.positions + offset]))
+
+
+@pytest.mark.parametrize("offset", [3, 6])
+def test_a_cached_block_layout_call_equals_the_uncached_call_on_the_same_positions(offset):
+    """Prefill `offset` positions causally, then one cached call of [2 clean tokens ; 3 MASK as a draft block keyed
+    after them ; a second draft block of 2 keyed after the first]: its logits equal the uncached layout call
+    over the whole span at the new positions (left padding, and a document boundary inside the cache)."""
+    from diffuse.models.layers import BlockLayout
+
+    model = tiny_transformer(seed=1)
+    width = 9
+    x, seg = left_padded([9, 5, 2], width, seed=4)
+    seg[0, :4] = 2  # row 0: two documents (segments 2 then 1) in its clean row
+    seg[0, 4:] = 1
+    new = BlockLayout(torch.tensor([0, 1, 2, 2, 2, 5, 5]), torch.tensor([True, True] + [False] * 5),
+                      torch.tensor([0, 1, 2, 3, 4, 2, 3]))  # the second block: positions 2, 3 again
+    ids = torch.cat([x[:, : offset + 2], torch.full((3, 5), SPECIAL.mask)], 1)
+    segs = torch.cat([seg[:, : offset + 2], torch.ones(3, 5, dtype=torch.long)], 1)
+    with torch.no_grad():
+        full = model.logits(model(ids=ids, segment_ids=segs, layout=full_layout(offset, new)))[:, offset:]
+        cache = model.new_cache(max_length=20)
+        model(ids=ids[:, :offset], segment_ids=segs[:, :offset], causal=True, cache=cache)
+        cached = model.logits(model(ids=ids[:, offset:], segment_ids=segs[:, offset:], cache=cache, layout=new))
+    torch.testing.assert_close(cached, full, **TOL)
+    assert cache.length == offset + 7
+    # per-row layouts ([B, L]) give each row its own
+    rows = BlockLayout(new.block.repeat(3, 1), new.clean.repeat(3, 1), new.positions.repeat(3, 1))
+    cache.truncate(offset)
+    with torch.no_grad():
+        again = model.logits(model(ids=ids[:, offset:], segment_ids=segs[:, offset:], cache=cache, layout=rows))
+    torch.testing.assert_close(again, full, **TOL)
+    # the clean tokens see no mask: their outputs are the causal pass's
+    with torch.no_grad():
+        causal = model.logits(model(ids=ids[:, : offset + 2], segment_ids=segs[:, : offset + 2], causal=True))
+    torch.testing.assert_close(cached[:, :2], causal[:, offset:], **TOL)
+
+
+def test_a_cached_block_layout_call_appends_at_the_end_and_takes_no_causal_flag():
+    from diffuse.models.layers import BlockLayout
+
+    model = tiny_transformer()
+    x, seg = left_padded([4, 2], 4)
+    cache = model.new_cache(max_length=9)
+    layout = BlockLayout(torch.tensor([0, 0]), torch.tensor([False, False]), torch.tensor([0, 1]))
+    with torch.no_grad():
+        model(ids=x, segment_ids=seg, causal=True, cache=cache)
+        with pytest.raises(DiffuseError, match="no causal flag"):
+            model(ids=x[:, :2], cache=cache, layout=layout, causal=True)
+        cache.seek(1)
+        with pytest.raises(DiffuseError, match="appends at its end") as err:
+            model(ids=x[:, :2], cache=cache, layout=layout)
+    assert "\n" not in str(err.value) and cache.length == 4  # nothing written

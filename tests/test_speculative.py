@@ -9,8 +9,9 @@
 (3) The CLI: `python -m diffuse.sample ckpt=<AR> sampler=speculative sampler.drafter=<AR or masked ckpt>`.
 (4) objective=hybrid drafting for itself (HybridDrafter, its default sampler): the draft block's distributions are
     the training layout's, greedy tokens are the AR sampler's on the same network, the temperature-1 distribution
-    is AR's within its sampling error, and `python -m diffuse.sample ckpt=<hybrid>` (speculative by default) gives
-    sampler=ar's tokens at temperature 0.
+    is AR's within its sampling error, drafting against the target's KV cache (1 + k positions) gives the uncached
+    draft's q, and `python -m diffuse.sample ckpt=<hybrid>` (speculative by default) gives sampler=ar's tokens at
+    temperature 0.
 """
 
 from __future__ import annotations
@@ -485,6 +486,8 @@ def test_greedy_hybrid_self_drafting_gives_the_ar_samplers_tokens(trained_hybrid
     ar_nfe = ARSampler(temperature=0.0).generate(model, objective, [[0, 1, 2]], 12).nfe
     assert sampler.stats["acceptance_rate"] > 0.5
     assert out.nfe < ar_nfe or k == 1  # (k = 1: two passes for at most two tokens)
+    # drafted against the target's cache: 1 + k positions per draft (the prefill, then a draft and a verification)
+    assert sampler.stats["draft_positions"] == (out.nfe - 1) // 2 * ((k or 4) + 1)
 
 
 def test_hybrid_self_drafting_at_temperature_one_has_the_exact_ar_distribution(trained_hybrid):
@@ -538,3 +541,32 @@ def test_sample_cli_decodes_a_hybrid_with_speculative_sampling_by_default(corpus
                          f"hydra.run.dir={tmp_path / 'x'}")
     assert too_long.returncode != 0 and len(error_lines(too_long.stderr)) == 1
     assert "sampler.draft_length=8 is more than objective=hybrid's draft block" in error_lines(too_long.stderr)[0]
+
+
+@pytest.mark.parametrize("tail", [1, 3])
+def test_the_hybrid_drafts_against_the_targets_cache_as_without_it(tail):
+    """draft_with_cache (the sampler's path when the target is the drafter's own cached network): with the cache
+    holding each row's context but its last `tails` tokens (ragged, as the sampler leaves them), the call over
+    [tail ; MASK × k] gives the uncached call's q at several context lengths (left padding), costs
+    max(tail) + k positions, and leaves the cache as it found it."""
+    from diffuse.sampling.base import left_padded
+
+    drafter = HybridDrafter(sharp_transformer(seed=0), hybrid_objective(4))
+    g = torch.Generator().manual_seed(5)
+    contexts = [torch.randint(0, 36, (n,), generator=g).tolist() for n in (1, 3, 6, 11)]
+    tails = [c[-min(tail + j % 2, len(c)):] for j, c in enumerate(contexts)]  # ragged: tail or tail + 1
+    warp = Warp(temperature=1.0)
+    for k in (1, 4):
+        ref_tokens, ref_q = drafter.draft(contexts, k, [torch.Generator().manual_seed(i) for i in range(4)], warp)
+        heads = [c[: len(c) - len(t)] for c, t in zip(contexts, tails)]
+        head, seg = left_padded(heads, SPECIAL, "cpu")  # [PAD…, BOS, context without its tail]
+        cache = drafter.backbone.new_cache(64)
+        with torch.no_grad():
+            drafter.backbone(ids=head, segment_ids=seg, causal=True, cache=cache)
+        before, length = drafter.positions, cache.length
+        rows = [0, 2, 3, 1] if k == 1 else [3, 0, 2]  # drafting rows in any order; row 1 (k = 4) is done
+        tokens, q = drafter.draft_with_cache(cache, [tails[r] for r in rows], rows, 4, k,
+                                             [torch.Generator().manual_seed(r) for r in rows], warp)
+        torch.testing.assert_close(q, ref_q[rows], rtol=0, atol=1e-5)
+        assert torch.equal(tokens, ref_tokens[rows])
+        assert drafter.positions - before == max(len(tails[r]) for r in rows) + k and cache.length == length

@@ -164,8 +164,34 @@ class BlockLayout:
 
     def visible(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """Elementwise rule for query and key indices (broadcasting; FlexAttention's mask_mod calls it too)."""
-        bq, bk, cq, ck = self.block[q], self.block[k], self.clean[q], self.clean[k]
+        return self.rule(self.block[q], self.clean[q], self.block[k], self.clean[k])
+
+    @staticmethod
+    def rule(bq: torch.Tensor, cq: torch.Tensor, bk: torch.Tensor, ck: torch.Tensor) -> torch.Tensor:
+        """May a query (block key bq, clean cq) see a key (bk, ck)? Elementwise, broadcasting."""
         return (ck & ((bk < bq) | (cq & (bk == bq)))) | (~cq & ~ck & (bk == bq))
+
+    def cached_mask(self, offset: int, key_segment_ids: torch.Tensor, segment_ids: torch.Tensor) -> torch.Tensor:
+        """Boolean SDPA mask [B, 1, L, Lk] of a call against a KV cache (models/transformer.py): this layout
+        describes the call's L new positions only, counted from the cache offset (block keys and positions as
+        if the call began at 0; `block`, `clean` and `positions` may be [L] or per row [B, L]). The cached keys
+        (positions < offset) are clean and keyed by their position, i.e. the clean (AR) stream, token-causal;
+        the new queries, keyed offset + block, see [cached keys ; new keys] by `visible`'s rule. Documents and
+        padding through the cache's key segment ids, as `attention_mask(..., key_segment_ids, q_offset)`."""
+        B, Lk = key_segment_ids.shape
+        L = self.block.shape[-1]
+        if offset + L != Lk:
+            raise DiffuseError(f"a block layout call against a KV cache appends at its end ({offset} cached + {L} "
+                               f"new positions, but the cache holds {Lk})")
+        kpos = torch.arange(Lk, device=key_segment_ids.device)
+        bq = (self.block.to(kpos.device) + offset).expand(B, L)
+        cq = self.clean.to(kpos.device).expand(B, L)
+        bk = torch.cat([kpos[:offset].expand(B, offset), bq], 1)
+        ck = torch.cat([torch.ones(B, offset, dtype=torch.bool, device=kpos.device), cq], 1)
+        allowed = self.rule(bq[:, :, None], cq[:, :, None], bk[:, None, :], ck[:, None, :])[:, None]
+        docs = attention_mask(segment_ids, False, L, key_segment_ids=key_segment_ids, q_offset=offset)
+        diagonal = kpos[None, :] == (kpos[offset:, None])  # no empty row (padding)
+        return (allowed & docs) | diagonal
 
     def mask(self, segment_ids: torch.Tensor | None, batch: int) -> torch.Tensor:
         """Boolean SDPA mask [B, 1, L, L], documents and padding applied as in `attention_mask`."""

@@ -156,6 +156,7 @@ class Block(nn.Module):
 @MODELS.register("transformer")
 class Transformer(TokenEnds):
     supports_block_layout = True  # models without it refuse objective.block_size at build time
+    supports_cached_layout = True  # forward(cache=..., layout=...): a layout over new positions after a cache
 
     def __init__(
         self,
@@ -208,12 +209,20 @@ class Transformer(TokenEnds):
                 layout: BlockLayout | None = None):
         """Hidden states [B, L, D] after the final norm. Give `ids` or `embeds` (continuous inputs).
 
-        `layout`: block diffusion's attention pattern and positions (models/layers.py BlockLayout).
+        `layout`: block diffusion's attention pattern and positions (models/layers.py BlockLayout). With a
+        `cache` too, the layout describes the new positions only, counted from the cache offset (its block keys
+        and RoPE positions are shifted by it; [L] or per row [B, L]): the cached keys are the clean, token-
+        causal stream keyed by their position, and the new queries see [cached ; new] keys by the layout's rule
+        (BlockLayout.cached_mask). Such a call appends at the cache's end and writes its K/V there like any
+        other (truncate afterwards what should not stay).
         """
         x = self.inputs(ids, embeds, t)
         B, L, _ = x.shape
-        if layout is not None and (cache is not None or causal):
-            raise DiffuseError("a block layout brings its own attention pattern: no cache, no causal flag")
+        if layout is not None and causal:
+            raise DiffuseError("a block layout brings its own attention pattern: no causal flag")
+        if layout is not None and cache is not None and cache.offset + L < cache.length:
+            raise DiffuseError(f"a block layout call against a KV cache appends at its end (it holds {cache.length} "
+                               f"positions; this call would write {cache.offset}..{cache.offset + L - 1} after a seek)")
         offset = cache.offset if cache is not None else 0
         keys = None
         if cache is not None:
@@ -225,12 +234,19 @@ class Transformer(TokenEnds):
                 raise DiffuseError("model.attention=flex does not train on CPU (FlexAttention has no CPU backward in "
                                    "torch); train with model.attention=sdpa here, or on a GPU")
             mask = flex_block_mask(segment_ids, causal, layout, B, L)
+        elif layout is not None and cache is not None:
+            mask = layout.cached_mask(offset, keys, segment_ids)
         elif layout is not None:
             mask = layout.mask(segment_ids, B)
         else:
             mask = attention_mask(segment_ids, causal, L, key_segment_ids=keys, q_offset=offset)
-        positions = layout.positions if layout is not None else torch.arange(offset, offset + L, device=x.device)
-        rope = self.rope(positions)
+        if layout is None:
+            rope = self.rope(torch.arange(offset, offset + L, device=x.device))
+        elif cache is None:
+            rope = self.rope(layout.positions)
+        else:  # absolute positions; per row ([B, L]) as [B, 1, L, Dh/2]
+            positions = (layout.positions.to(x.device) + offset).expand(B, L)
+            rope = tuple(r.view(B, 1, L, -1) for r in self.rope(positions.reshape(-1)))
         for i, block in enumerate(self.blocks):
             x = block(x, rope, mask, causal, cache, i)
         return self.norm(x)

@@ -24,7 +24,8 @@ loaded by the commands (diffuse/run/entry.py `sampler_spec`; this layer imports 
                    positions after the context and drafts them in one pass, each from its own marginal q_i.
   `HybridDrafter`  objective=hybrid drafts with the target's own network (`SelfDrafting`: used when no drafter is
                    given): one pass over [BOS, context as the clean row ; k [MASK] as one draft block right after
-                   it], q_i the draft block's distributions (k ≤ objective.block_size).
+                   it], q_i the draft block's distributions (k ≤ objective.block_size); against the target's KV
+                   cache (`draft_with_cache`), only the uncached committed tokens and the k masks (1 + k positions).
 `sampler.draft_length=null` takes the drafter's own k (`Drafter.draft_length`: 4, the hybrid min(block_size, 4)); a
 k past what the drafter drafts in one pass (`max_draft_length`: the hybrid's block) is refused in one line.
 
@@ -239,11 +240,13 @@ class HybridDrafter(_ModelDrafter):
     relative: the block's offset in the row does not matter). q_i = warp(its logits), the k drafts drawn
     independently. k ≤ objective.block_size: training never showed a block longer than that.
 
-    Every call runs the whole context again (W + k positions): the clean row's K/V are the target's KV cache, but
-    the sampler drafts before the last committed token (the verification's residual or bonus draw) has K/V there,
-    and a cached call of [that token causally ; the mask block bidirectionally] is a pattern the transformer's
-    cached forward does not take (a block layout or a cache, not both). The backbone's train/eval mode is the
-    caller's: it is the model being trained or sampled."""
+    `draft` runs the whole context (W + k positions). When the sampler's target is this very network with a KV
+    cache whose cached forward takes a block layout (`supports_cached_layout`: the transformer), it calls
+    `draft_with_cache` instead: one call against the target's cache of [the row's committed tokens the cache
+    does not hold yet (usually the last one), clean and token-causal ; k MASK as one draft block keyed right
+    after them] — e + k positions, e the most such tokens of a row — after which the cache is truncated back to
+    where it was, so the verification's bookkeeping is untouched (it feeds those tokens again: their query
+    gives p_1). The backbone's train/eval mode is the caller's: it is the model being trained or sampled."""
 
     def __init__(self, backbone, objective, name: str = "objective=hybrid's draft block"):
         self.backbone, self.objective, self.name = backbone, objective, name
@@ -265,6 +268,46 @@ class HybridDrafter(_ModelDrafter):
         hidden = self.backbone(ids=z, segment_ids=seg, layout=layout)
         self.positions += W + k
         logits = self.backbone.logits(hidden[:, W:]).float()
+        logits[..., special.mask] = float("-inf")
+        q = warp(logits)
+        return draw(q, rand_rows(gens, (k,), device)), q
+
+    def shares_cache(self, backbone, cache) -> bool:
+        """Whether `draft_with_cache` may draft against `backbone`'s KV cache `cache`."""
+        return (cache is not None and backbone is self.backbone and isinstance(cache, Seekable)
+                and getattr(backbone, "supports_cached_layout", False))
+
+    @torch.no_grad()
+    def draft_with_cache(self, cache, tails, rows, batch, k, gens, warp):
+        """`draft` against the target's KV cache, which holds every row's committed tokens but the last
+        `len(tails[j])` of row rows[j] (tails[j]: those tokens, at least one) at one column per position
+        (sampler=speculative's bookkeeping). Feeds, right-padded over all `batch` rows of the cache (rows not
+        drafting are padding): [tail (clean, causal) ; MASK × k (one draft block keyed after the tail)], then
+        truncates the cache back. Returns what `draft` returns for the rows."""
+        special, device = self.special, self.device
+        start = cache.length
+        width = max(len(t) for t in tails) + k
+        ids = torch.full((batch, width), special.pad, dtype=torch.long, device=device)
+        seg = torch.zeros_like(ids)
+        columns = torch.arange(width, device=device)
+        block = columns.repeat(batch, 1)
+        clean = torch.ones_like(ids, dtype=torch.bool)
+        ends = []
+        for j, r in enumerate(rows):
+            e = len(tails[j])
+            ids[r, :e] = torch.tensor(tails[j], dtype=torch.long, device=device)
+            ids[r, e : e + k] = special.mask
+            seg[r, : e + k] = 1
+            block[r] = torch.where(columns < e, columns, e)  # clean token c keyed c (causal), the drafts keyed e
+            clean[r] = columns < e
+            ends.append(e)
+        layout = BlockLayout(block, clean, columns)
+        hidden = self.backbone(ids=ids, segment_ids=seg, cache=cache, layout=layout)
+        cache.truncate(start)
+        self.positions += width
+        at = torch.tensor(ends, device=device)[:, None] + torch.arange(k, device=device)
+        h = hidden[torch.tensor(rows, device=device)[:, None], at]  # [n, k, D]
+        logits = self.backbone.logits(h).float()
         logits[..., special.mask] = float("-inf")
         q = warp(logits)
         return draw(q, rand_rows(gens, (k,), device)), q
@@ -358,7 +401,11 @@ class SpeculativeSampler:
         while not done.all():
             rows = (~done).nonzero().squeeze(1).tolist()
             row_gens = [gens[r] for r in rows]
-            drafts, q = drafter.draft([seqs[r][1:] for r in rows], k, row_gens, self.warp)
+            if isinstance(drafter, HybridDrafter) and drafter.shares_cache(backbone, cache):
+                drafts, q = drafter.draft_with_cache(cache, [seqs[r][-pending[r]:] for r in rows], rows, B, k,
+                                                     row_gens, self.warp)
+            else:
+                drafts, q = drafter.draft([seqs[r][1:] for r in rows], k, row_gens, self.warp)
             nfe += drafter.passes(k)
             if cache is not None:
                 ids, seg, at = self._cached_input(seqs, pending, rows, drafts, special, B, device)
