@@ -5,7 +5,7 @@
 # 0.1, from scratch and started from an AR checkpoint (init_from, against the same AR continued as AR)? Then the
 # sampling benchmark (experiments/bench/sampling.py --suite hybrid): AR + KV cache, the hybrid decoded as AR,
 # the hybrid + speculative sampling at draft lengths 2/4/8, AR + a block diffusion drafter.
-#   bash experiments/hybrid/run.sh            # CPU (~20 min of training on one thread + ~8 min of benchmark)
+#   bash experiments/hybrid/run.sh            # CPU (~18 min of training on one thread + ~1 min of benchmark)
 #   SIZE=gpu bash experiments/hybrid/run.sh   # the bigger config for one GPU
 set -euo pipefail
 source "$(dirname "$0")/../common.sh"
