@@ -129,6 +129,21 @@ class UniformBlockBackbone(ZeroBackbone):
         return torch.zeros(*ids.shape, 1) + 0 * self.anchor
 
 
+def packed_batch(B: int, L: int, seed: int = 0, docs: bool = False, doc_bos: bool = False) -> dict:
+    """Random rows of the 40-token vocabulary starting with BOS; `docs`: two documents and 3 padding positions per
+    row (`doc_bos`: the second document starts with BOS too)."""
+    ids = torch.randint(0, 36, (B, L), generator=torch.Generator().manual_seed(seed))
+    ids[:, 0] = SPECIAL.bos
+    seg = torch.ones_like(ids)
+    if docs:
+        seg[:, L // 3:] = 2
+        if doc_bos:
+            ids[:, L // 3] = SPECIAL.bos
+        seg[:, L - 3:] = 0
+        ids[:, L - 3:] = SPECIAL.pad
+    return {"input_ids": ids, "segment_ids": seg}
+
+
 class FixedLogits(nn.Module):
     """Returns given logits [B, L, V] whatever the input; records the inputs it saw."""
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import SPECIAL, UniformBlockBackbone, VOCAB, call_main, error_lines, tiny_args, tiny_transformer
+from conftest import SPECIAL, UniformBlockBackbone, VOCAB, call_main, error_lines, packed_batch, tiny_args, tiny_transformer
 from diffuse.core.metrics import NELBO
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout
@@ -29,15 +29,7 @@ def hybrid(b=4, noise="full", schedule="linear", **kw):
 
 
 def batch_of(B, L, seed=0, docs=False):
-    ids = torch.randint(0, 36, (B, L), generator=torch.Generator().manual_seed(seed))
-    ids[:, 0] = SPECIAL.bos
-    seg = torch.ones_like(ids)
-    if docs:  # two documents and some padding per row
-        seg[:, L // 3:] = 2
-        ids[:, L // 3] = SPECIAL.bos
-        seg[:, L - 3:] = 0
-        ids[:, L - 3:] = SPECIAL.pad
-    return {"input_ids": ids, "segment_ids": seg}
+    return packed_batch(B, L, seed, docs, doc_bos=True)
 
 
 def gen(i):
