@@ -225,6 +225,15 @@ class TakesBlockLayout(Protocol):
 
 
 @runtime_checkable
+class DraftsForItself(Protocol):
+    """An autoregressive objective whose network also drafts (objective=hybrid's draft row): up to
+    `draft_block_size` masks right after a causal context, in one pass. sampler=speculative drafts with it when no
+    drafter is given."""
+
+    draft_block_size: int
+
+
+@runtime_checkable
 class Regularizer(Protocol):
     """An `nn.Module` added to the objective's loss: `reg(objective, backbone, batch, generator)`.
     `DiffusionLM` sets `global_step` on it before every training step."""

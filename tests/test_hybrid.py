@@ -230,16 +230,13 @@ def test_the_clean_row_is_the_causal_model_so_its_kv_is_ars_cache():
 def test_speculative_self_drafting_is_the_default_ar_fits_and_diffusion_samplers_are_refused():
     from diffuse.run.build import build_sampler
     from diffuse.sampling.ar import ARSampler
-    from diffuse.sampling.speculative import (
-        HybridDrafter,
-        SelfDrafting,
-        SpeculativeSampler,
-    )
+    from diffuse.contracts import DraftsForItself
+    from diffuse.sampling.speculative import HybridDrafter, SpeculativeSampler
 
     obj = hybrid(4)
     sampler = build_sampler({}, obj)
     assert isinstance(sampler, SpeculativeSampler) and sampler.drafter is None
-    assert isinstance(obj, SelfDrafting) and isinstance(obj.self_drafter(tiny_transformer()), HybridDrafter)
+    assert isinstance(obj, DraftsForItself) and HybridDrafter(tiny_transformer(), obj).max_draft_length == 4
     assert isinstance(build_sampler({"name": "ar"}, obj), ARSampler)
     for name in ("block", "remask"):
         with pytest.raises(DiffuseError, match=f"sampler={name} decodes"):

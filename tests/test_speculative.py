@@ -443,7 +443,7 @@ def test_the_hybrid_drafts_with_its_training_layouts_draft_block():
     """Draft block j of the training pass over [x ; MASK…] predicts x_{j·b…} from x_<j·b; the self-drafter, given
     the context x_1..x_{j·b−1} (BOS is its own), gives the same distributions, with left padding too."""
     model, objective = sharp_transformer(seed=0), hybrid_objective(4)
-    drafter = objective.self_drafter(model)
+    drafter = HybridDrafter(model, objective)
     assert isinstance(drafter, (Drafter, HybridDrafter)) and drafter.passes(4) == 1
     assert (drafter.draft_length, drafter.max_draft_length) == (4, 4)
     x = torch.randint(0, 36, (1, 12), generator=torch.Generator().manual_seed(0))

@@ -23,9 +23,9 @@ under `full`, the noise hooks change.
 
 val/nelbo is the clean row's AR NLL (nats/token, exactly what objective=autoregressive reports on the same
 weights and data), so the hybrid and the AR model sit on one scale. Because the clean row never sees the draft
-row, its K/V are AR's KV cache: the process is `autoregressive`, and the hybrid decodes itself (`SelfDrafting`):
+row, its K/V are AR's KV cache: the process is `autoregressive`, and the hybrid decodes itself (`contracts.DraftsForItself`):
 its default sampler=speculative drafts k ≤ block_size tokens in one pass of the draft row
-(`self_drafter`: sampling/speculative.py HybridDrafter, a draft block of k masks right after the context) and
+(sampling/speculative.py HybridDrafter, a draft block of k masks right after the context) and
 verifies them with the clean row and its KV cache — exactly AR's distribution; sampler=ar decodes the clean row
 alone (the same tokens at temperature 0).
 """
@@ -91,7 +91,7 @@ class Drafter(AbsorbingObjective):
 class Hybrid(nn.Module):
     process = AUTOREGRESSIVE  # the clean row is an AR model: exact NLL, sampler=ar with its KV cache
     causal = True
-    default_sampler = "speculative"  # drafts by the draft row (self_drafter), verified by the clean row: exact AR
+    default_sampler = "speculative"  # drafts by the draft row (HybridDrafter), verified by the clean row: exact AR
 
     def __init__(self, schedule: Schedule, special: SpecialTokens, block_size: int = 16, draft_noise: str = "full",
                  diffusion_weight: float = 1.0, eps: float = 1e-3):
@@ -114,13 +114,10 @@ class Hybrid(nn.Module):
             raise DiffuseError("objective=hybrid decodes as an AR model, whose passes carry no t: set "
                                "model.time_conditioning=false")
 
-    def self_drafter(self, backbone):
-        """sampler=speculative's drafter when none is given (SelfDrafting): the draft row of this very network,
-        k ≤ block_size masks after the context in one pass."""
-        # the sampler's drafter class (sampling/speculative.py imports no objective: no circle)
-        from diffuse.sampling.speculative import HybridDrafter
-
-        return HybridDrafter(backbone, self)
+    @property
+    def draft_block_size(self) -> int:
+        """contracts.DraftsForItself: sampler=speculative drafts with this network's draft row, k ≤ block_size."""
+        return self.block_size
 
     def loss(self, backbone, batch, generator=None, train: bool = True) -> LossOutput:
         diffusion = self.drafter.loss(backbone, batch, generator, train)

@@ -22,7 +22,7 @@ loaded by the commands (diffuse/run/entry.py `sampler_spec`; this layer imports 
   `ARDrafter`      an autoregressive model drafts k tokens left to right (k passes; classic speculative decoding);
   `MaskedDrafter`  an absorbing-state model (masked_discrete, llada; full-sequence or block diffusion) masks the k
                    positions after the context and drafts them in one pass, each from its own marginal q_i.
-  `HybridDrafter`  objective=hybrid drafts with the target's own network (`SelfDrafting`: used when no drafter is
+  `HybridDrafter`  objective=hybrid drafts with the target's own network (`contracts.DraftsForItself`: used when no drafter is
                    given): one pass over [BOS, context as the clean row ; k [MASK] as one draft block right after
                    it], q_i the draft block's distributions (k ≤ objective.block_size); against the target's KV
                    cache (`draft_with_cache`), only the uncached committed tokens and the k masks (1 + k positions).
@@ -42,6 +42,7 @@ import torch
 from diffuse.contracts import (
     AUTOREGRESSIVE,
     Absorbing,
+    DraftsForItself,
     Seekable,
     block_size_of,
     component_name,
@@ -133,13 +134,6 @@ class Drafter(Protocol):
         ...
 
     def to(self, device) -> Any: ...
-
-
-@runtime_checkable
-class SelfDrafting(Protocol):
-    """An objective whose network drafts for itself (the hybrid's draft head): used when no drafter is given."""
-
-    def self_drafter(self, backbone) -> Drafter: ...
 
 
 DRAFT_LENGTH = 4  # k of a drafter that has no preference of its own (sampler.draft_length=null)
@@ -251,7 +245,7 @@ class HybridDrafter(_ModelDrafter):
     def __init__(self, backbone, objective, name: str = "objective=hybrid's draft block"):
         self.backbone, self.objective, self.name = backbone, objective, name
         self.vocab_size, self.special, self.positions = backbone.vocab_size, objective.special, 0
-        self.max_draft_length = int(objective.block_size)
+        self.max_draft_length = int(objective.draft_block_size)
         self.draft_length = min(self.max_draft_length, DRAFT_LENGTH)
 
     def passes(self, k: int) -> int:
@@ -355,8 +349,8 @@ class SpeculativeSampler:
 
     def _drafter(self, backbone, objective) -> Drafter:
         drafter = self.drafter
-        if drafter is None and isinstance(objective, SelfDrafting):
-            drafter = objective.self_drafter(backbone)
+        if drafter is None and isinstance(objective, DraftsForItself):
+            drafter = HybridDrafter(backbone, objective)
         if drafter is None:
             raise DiffuseError("sampler=speculative needs a drafter: sampler.drafter=CKPT (an autoregressive or "
                                "masked diffusion checkpoint with the same tokenizer)")
@@ -407,36 +401,17 @@ class SpeculativeSampler:
             else:
                 drafts, q = drafter.draft([seqs[r][1:] for r in rows], k, row_gens, self.warp)
             nfe += drafter.passes(k)
-            if cache is not None:
-                ids, seg, at = self._cached_input(seqs, pending, rows, drafts, special, B, device)
-                hidden = backbone(ids=ids, segment_ids=seg, causal=True, cache=cache)
-            else:
-                ids, seg, at = self._full_input(seqs, rows, drafts, special, B, device)
-                hidden = backbone(ids=ids, segment_ids=seg, causal=True)
-            nfe, positions = nfe + 1, positions + ids.shape[1]
+            p, width = self._verify(backbone, cache, seqs, pending, rows, drafts, special, B, device)
+            nfe, positions = nfe + 1, positions + width
             row_verify[rows] += 1
-            h = hidden[rows][torch.arange(len(rows), device=device)[:, None], at]  # [n, k+1, D]
-            logits = backbone.logits(h).float()
-            logits[..., special.mask] = float("-inf")
-            p = self.warp(logits)
             n, nxt = self.rule(p, q, drafts, rand_rows(row_gens, (k + 1,), device))
             accepted_total += int(n.sum())
             drafted_total += k * len(rows)
-            verified = {}
-            for j, r in enumerate(rows):
-                new = drafts[j, : n[j]].tolist() + [int(nxt[j])]
-                new = new[: length - len(out[r])]
-                if special.eos in new:
-                    new = new[: new.index(special.eos) + 1]
-                out[r] += new
-                seqs[r] += new
-                verified[r] = pending[r] + int(n[j])  # columns of this pass whose K/V are the row's committed tokens
-                if new[-1] == special.eos or len(out[r]) >= length:
-                    done[r] = True
+            verified = self._commit(rows, drafts, n, nxt, out, seqs, pending, done, length, special)
             if cache is not None and not done.all():  # keep the columns every decoding row verified
                 live = [r for r in rows if not done[r]]
                 keep = min(verified[r] for r in live)
-                cache.truncate(cache.length - ids.shape[1] + keep)
+                cache.truncate(cache.length - width + keep)
                 for r in live:
                     pending[r] = verified[r] + 1 - keep
         tokens = torch.full((B, length), special.pad, dtype=torch.long, device=device)
@@ -452,6 +427,37 @@ class SpeculativeSampler:
                       "draft_positions": draft_positions}
         row_nfe = prefill + row_verify * (1 + drafter.passes(k))
         return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], row_nfe, positions)
+
+    def _verify(self, backbone, cache, seqs, pending, rows, drafts, special, B, device):
+        """One causal pass of the target over each decoding row's uncached committed tokens and its drafts (or the
+        whole row without a cache): the warped p_1..p_{k+1} [n, k+1, V] and the pass's width."""
+        if cache is not None:
+            ids, seg, at = self._cached_input(seqs, pending, rows, drafts, special, B, device)
+            hidden = backbone(ids=ids, segment_ids=seg, causal=True, cache=cache)
+        else:
+            ids, seg, at = self._full_input(seqs, rows, drafts, special, B, device)
+            hidden = backbone(ids=ids, segment_ids=seg, causal=True)
+        h = hidden[rows][torch.arange(len(rows), device=device)[:, None], at]  # [n, k+1, D]
+        logits = backbone.logits(h).float()
+        logits[..., special.mask] = float("-inf")
+        return self.warp(logits), ids.shape[1]
+
+    @staticmethod
+    def _commit(rows, drafts, n, nxt, out, seqs, pending, done, length, special) -> dict[int, int]:
+        """Each row's accepted drafts and its residual/bonus token, cut at `length` and after EOS; marks the rows
+        done; returns {row: columns of this pass whose K/V are the row's committed tokens}."""
+        verified = {}
+        for j, r in enumerate(rows):
+            new = drafts[j, : n[j]].tolist() + [int(nxt[j])]
+            new = new[: length - len(out[r])]
+            if special.eos in new:
+                new = new[: new.index(special.eos) + 1]
+            out[r] += new
+            seqs[r] += new
+            verified[r] = pending[r] + int(n[j])
+            if new[-1] == special.eos or len(out[r]) >= length:
+                done[r] = True
+        return verified
 
     @staticmethod
     def _cached_input(seqs, pending, rows, drafts, special, B, device):

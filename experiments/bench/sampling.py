@@ -16,7 +16,7 @@ what a cache saves. Writes <name>.json, <name>.md and <name>.png (tokens/s again
 `--suite hybrid` (experiments/hybrid/run.sh) benchmarks the TiDAR hybrid instead, from `--runs` holding `ar`,
 `hybrid_w1` and `block8` (a block diffusion drafter): AR + cache, the hybrid decoded as AR (`sampler=ar`), the
 hybrid + exact speculative sampling at draft lengths 2/4/8 (its own draft head when the objective drafts for
-itself — `SelfDrafting` —, else `block8` as the drafter), and AR + the `block8` drafter. Speculative rows add
+itself — `contracts.DraftsForItself` —, else `block8` as the drafter), and AR + the `block8` drafter. Speculative rows add
 the acceptance rate and tokens per verification pass (the target's forwards, per row); `--plot-draft PNG` draws
 tokens/s against draft length.
 """
@@ -37,7 +37,7 @@ from diffuse.evaluation.judges import DiffuseJudge
 from diffuse.evaluation.quality import Samples, quality, real_snippets, reference
 from diffuse.evaluation.runner import heldout, load_checkpoint
 from diffuse.run.entry import load_drafter
-from diffuse.sampling.speculative import SelfDrafting
+from diffuse.contracts import DraftsForItself
 
 # (label, run, sampler spec); the full-sequence model decodes in blocks of 16 so the caches can refresh
 LENGTH_STEPS = "{length}"
@@ -80,7 +80,7 @@ def resolve_drafter(spec: dict, objective, runs: Path, drafters: dict) -> tuple[
     name = spec.get("drafter")
     if not isinstance(name, str):
         return spec, None
-    if name == "{self_or_block8}" and isinstance(objective, SelfDrafting):
+    if name == "{self_or_block8}" and isinstance(objective, DraftsForItself):
         return {k: v for k, v in spec.items() if k != "drafter"}, "self (draft head)"
     run = "block8"
     if run not in drafters:
