@@ -225,6 +225,14 @@ class TakesBlockLayout(Protocol):
 
 
 @runtime_checkable
+class TakesCachedLayout(Protocol):
+    """A backbone whose cached forward also takes a `layout=` over the new positions (the hybrid drafts against
+    the AR cache through it)."""
+
+    supports_cached_layout: bool
+
+
+@runtime_checkable
 class DraftsForItself(Protocol):
     """An autoregressive objective whose network also drafts (objective=hybrid's draft row): up to
     `draft_block_size` masks right after a causal context, in one pass. sampler=speculative drafts with it when no

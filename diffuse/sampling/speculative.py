@@ -44,6 +44,7 @@ from diffuse.contracts import (
     Absorbing,
     DraftsForItself,
     Seekable,
+    TakesCachedLayout,
     block_size_of,
     component_name,
     new_cache,
@@ -269,7 +270,7 @@ class HybridDrafter(_ModelDrafter):
     def shares_cache(self, backbone, cache) -> bool:
         """Whether `draft_with_cache` may draft against `backbone`'s KV cache `cache`."""
         return (cache is not None and backbone is self.backbone and isinstance(cache, Seekable)
-                and getattr(backbone, "supports_cached_layout", False))
+                and isinstance(backbone, TakesCachedLayout) and backbone.supports_cached_layout)
 
     @torch.no_grad()
     def draft_with_cache(self, cache, tails, rows, batch, k, gens, warp):
