@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import atexit
 import random
+import os
 import re
 import shlex
 import shutil
@@ -304,10 +305,15 @@ def runnable(command: str, how: Tiny) -> list[tuple[list[str], list[str]]]:
 
 def make_dry_run(argv: list[str]) -> list[str]:
     """`make train [ARGS=…]` → the python command make would run (`make -n`: nothing installed or run)."""
-    done = subprocess.run(["make", "-n", *argv[1:]], cwd=REPO, capture_output=True, text=True, timeout=60)
+    # under `make test` this make is nested: without the outer make's variables (ARGS=… would leak in through
+    # MAKEFLAGS) and its "make[1]: Leaving directory" lines
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL", "ARGS")}
+    done = subprocess.run(["make", "-n", "--no-print-directory", *argv[1:]], cwd=REPO, capture_output=True,
+                          text=True, timeout=60, env=env)
     assert done.returncode == 0, done.stderr
-    last = shlex.split(done.stdout.strip().splitlines()[-1])
-    return ["python", *last[last.index("-m"):]]
+    line = next(line for line in reversed(done.stdout.splitlines()) if " -m diffuse." in line)
+    words = shlex.split(line)
+    return ["python", *words[words.index("-m"):]]
 
 
 OUTCOMES: dict[str, Path | BaseException] = {}
