@@ -102,8 +102,8 @@ def stored_config(ckpt: dict) -> dict:
     # no name: the objective's own sampler (llada's is llada, continuous's is ddim)
     name = sampler.get("name") or {"continuous": "ddim"}.get((config.get("objective") or {}).get("name"), "llada")
     renames = {old: new for old, new in RENAMED_SAMPLER_KEYS.get(name, {}).items() if old in sampler}
-    if renames:
-        config["sampler"] = {renames.get(k, k): v for k, v in sampler.items()}
+    if renames:  # a new dict: the checkpoint read keeps what its file holds
+        config = {**config, "sampler": {renames.get(k, k): v for k, v in sampler.items()}}
     return config
 
 

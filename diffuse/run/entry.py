@@ -14,7 +14,7 @@ from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS, accepts_keyword
 from diffuse.run.build import as_dict
 from diffuse.run.load import load_run
-from diffuse.sampling.speculative import drafter_from
+from diffuse.sampling.drafters import drafter_from
 
 log = logging.getLogger("diffuse")
 
@@ -88,11 +88,14 @@ def named_on_command_line(group: str) -> bool:
     """Whether the command line set `group=…` or one of its keys (True outside a Hydra app: the caller chose)."""
     if not HydraConfig.initialized():
         return True
-    keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
-    return any(k == group or k.startswith(f"{group}.") for k in keys)
+    return any(k == group or k.startswith(f"{group}.") for k in command_line_keys())
 
 
 def overridden_data_keys() -> set[str]:
     """`data.*` keys set on the command line (they win over the checkpoint's DataModule settings)."""
-    keys = (o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task)
-    return {k.removeprefix("data.") for k in keys if k.startswith("data.")}
+    return {k.removeprefix("data.") for k in command_line_keys() if k.startswith("data.")}
+
+
+def command_line_keys() -> list[str]:
+    """The keys the command line's overrides set (`+`, `++` and `~` stripped)."""
+    return [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
