@@ -11,9 +11,18 @@ import math
 
 import pytest
 import torch
+from conftest import (
+    SPECIAL,
+    VOCAB,
+    UniformBlockBackbone,
+    call_main,
+    error_lines,
+    packed_batch,
+    tiny_args,
+    tiny_transformer,
+)
 from torch import nn
 
-from conftest import SPECIAL, UniformBlockBackbone, VOCAB, call_main, error_lines, packed_batch, tiny_args, tiny_transformer
 from diffuse.core.metrics import NELBO
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout
@@ -228,10 +237,11 @@ def test_the_clean_row_is_the_causal_model_so_its_kv_is_ars_cache():
 
 # -- configuration and samplers ------------------------------------------------------------------------
 def test_speculative_self_drafting_is_the_default_ar_fits_and_diffusion_samplers_are_refused():
+    from diffuse.contracts import DraftsForItself
     from diffuse.run.build import build_sampler
     from diffuse.sampling.ar import ARSampler
-    from diffuse.contracts import DraftsForItself
-    from diffuse.sampling.speculative import HybridDrafter, SpeculativeSampler
+    from diffuse.sampling.drafters import HybridDrafter
+    from diffuse.sampling.speculative import SpeculativeSampler
 
     obj = hybrid(4)
     sampler = build_sampler({}, obj)

@@ -33,17 +33,9 @@ from diffuse.run.build import build_sampler
 from diffuse.run.entry import sampler_spec
 from diffuse.run.load import load_run
 from diffuse.sampling.ar import ARSampler
-from diffuse.sampling.base import trim_at_eos, truncate
-from diffuse.sampling.speculative import (
-    ARDrafter,
-    Drafter,
-    HybridDrafter,
-    MaskedDrafter,
-    SpeculativeSampler,
-    Warp,
-    draw,
-    speculative_rule,
-)
+from diffuse.sampling.base import draw, trim_at_eos, truncate
+from diffuse.sampling.drafters import ARDrafter, Drafter, HybridDrafter, MaskedDrafter
+from diffuse.sampling.speculative import SpeculativeSampler, Warp, speculative_rule
 from diffuse.schedules import build_schedule
 
 AR_OBJ = Autoregressive(special=SPECIAL)

@@ -25,7 +25,7 @@ val/nelbo is the clean row's AR NLL (nats/token, exactly what objective=autoregr
 weights and data), so the hybrid and the AR model sit on one scale. Because the clean row never sees the draft
 row, its K/V are AR's KV cache: the process is `autoregressive`, and the hybrid decodes itself (`contracts.DraftsForItself`):
 its default sampler=speculative drafts k ≤ block_size tokens in one pass of the draft row
-(sampling/speculative.py HybridDrafter, a draft block of k masks right after the context) and
+(sampling/drafters.py HybridDrafter, a draft block of k masks right after the context) and
 verifies them with the clean row and its KV cache — exactly AR's distribution; sampler=ar decodes the clean row
 alone (the same tokens at temperature 0).
 """

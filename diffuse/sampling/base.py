@@ -73,6 +73,15 @@ def gumbel_max(logp: torch.Tensor, u: torch.Tensor, temperature: float = 1.0) ->
     return (logp / temperature - torch.log(-torch.log(u.clamp_(1e-20, 1.0)))).argmax(-1)
 
 
+def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draws from unnormalised weights [..., V] ≥ 0 (some positive) given uniforms u [...] in [0, 1):
+    token j where cdf_{j−1} ≤ u·total < cdf_j; a zero-weight token is never drawn."""
+    cdf = weights.cumsum(-1)
+    idx = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1)
+    last = weights.shape[-1] - 1 - (weights > 0).flip(-1).long().argmax(-1)  # rounding at u → 1
+    return torch.minimum(idx, last)
+
+
 def check_temperature(temperature) -> float:
     """`sampler.temperature` (or `temperature=`): a number ≥ 0, 0 meaning argmax. A negative one would be
     taken for argmax too by `sample_tokens`, silently: it is refused instead."""
