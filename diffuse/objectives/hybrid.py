@@ -18,7 +18,7 @@ Loss = L_AR + λ·L_diff (`diffusion_weight` λ), logged as train/ar_loss and tr
               drafter;
     sampled   a t per block and BD3LM's NELBO over the draft, with the absorbing objective's machinery
               (objectives/absorbing.py with block_size: antithetic t per block, the schedule's ELBO weight).
-The draft loss is AbsorbingObjective.loss itself; only the network's input layout (`Drafter.hidden`) and,
+The draft loss is AbsorbingObjective.loss itself; only the network's input layout (`DraftRow.hidden`) and,
 under `full`, the noise hooks change.
 
 val/nelbo is the clean row's AR NLL (nats/token, exactly what objective=autoregressive reports on the same
@@ -48,7 +48,7 @@ from diffuse.schedules import Schedule
 DRAFT_NOISES = ("full", "sampled")
 
 
-class Drafter(AbsorbingObjective):
+class DraftRow(AbsorbingObjective):
     """The draft row's loss: block diffusion (AbsorbingObjective with block_size) whose network input is the
     hybrid's [x ; d] rather than BD3LM's [x_t ; x_0]. One forward pass serves both losses: `hidden` keeps the
     clean row's hidden states for the AR loss (`take_clean`)."""
@@ -101,7 +101,7 @@ class Hybrid(nn.Module):
             raise DiffuseError(f"objective.draft_noise={draft_noise!r} must be one of {', '.join(DRAFT_NOISES)}")
         self.diffusion_weight = check_range("objective.diffusion_weight", diffusion_weight, 0)
         self.block_size, self.draft_noise, self.special = block_size, draft_noise, special
-        self.drafter = Drafter(schedule, special, block_size, full=draft_noise == "full", eps=eps)
+        self.drafter = DraftRow(schedule, special, block_size, full=draft_noise == "full", eps=eps)
         self.global_step = 0
 
     def check_backbone(self, backbone, model_name: str) -> None:
