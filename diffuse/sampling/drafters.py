@@ -75,6 +75,10 @@ class _ModelDrafter:
     def device(self):
         return next(self.backbone.parameters()).device
 
+    def passes(self, k: int) -> int:
+        """One pass drafts all k (the masked and hybrid drafters); the AR drafter overrides it."""
+        return 1
+
 
 class ARDrafter(_ModelDrafter):
     """An autoregressive model drafts k tokens left to right: a prefill of the context, then one position per
@@ -118,9 +122,6 @@ class MaskedDrafter(_ModelDrafter):
     MASK × k], q_i its (SUBS) distribution at the i-th mask, each draft drawn independently from its q_i. A full-
     sequence model reads the canvas bidirectionally; a block diffusion model (objective.block_size) reads it
     block-causally, blocks counted from the first draft (as sampler=block aligns them), at t = 1 on the drafts."""
-
-    def passes(self, k: int) -> int:
-        return 1
 
     @torch.no_grad()
     def draft(self, contexts, k, gens, warp):
@@ -171,9 +172,6 @@ class HybridDrafter(_ModelDrafter):
         self.vocab_size, self.special, self.positions = backbone.vocab_size, objective.special, 0
         self.max_draft_length = int(objective.draft_block_size)
         self.draft_length = min(self.max_draft_length, DRAFT_LENGTH)
-
-    def passes(self, k: int) -> int:
-        return 1
 
     @torch.no_grad()
     def draft(self, contexts, k, gens, warp):
