@@ -8,7 +8,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "diffuse"
-COMMANDS = ("train", "sample", "evaluate", "compare", "export", "prepare", "distill", "report")
+COMMANDS = ("train", "sample", "evaluate", "compare", "export", "prepare", "distill", "report", "lm_eval", "demo")
 FAMILIES = ("models", "objectives", "schedules", "regularizers", "sampling", "data")
 LAYERS = {"core": 0, "registry": 0, "contracts": 0, "errors": 0, **{f: 1 for f in FAMILIES}, "run": 2,
           "distillation": 3, "evaluation": 3, "analysis": 3, **{c: 4 for c in COMMANDS}}
