@@ -28,6 +28,8 @@ ABSORBING = "absorbing"  # tokens jump to [MASK] (masked_discrete, llada)
 GAUSSIAN = "gaussian"  # Gaussian noise on embeddings (continuous)
 AUTOREGRESSIVE = "autoregressive"  # no noise: left to right (autoregressive)
 BLOCK_ABSORBING = "block_absorbing"  # absorbing inside blocks, block-causal across them (objective.block_size)
+UNIFORM = "uniform"  # tokens jump to a uniformly random vocabulary token (uniform, DiffusionGemma); no [MASK]
+BLOCK_UNIFORM = "block_uniform"  # uniform inside blocks, block-causal across them (objective.block_size)
 
 
 class Batch(TypedDict):
