@@ -64,6 +64,7 @@ from diffuse.sampling.base import (
     truncate,
 )
 from diffuse.sampling.canvas_cache import check_cache, make_canvas
+from diffuse.sampling.trace import recorder
 from diffuse.schedules import Schedule, build_schedule
 
 REMASKING = ("low_confidence", "random")
@@ -173,6 +174,7 @@ class AbsorbingSampler:
         gens = row_generators(seed, len(prompts), device)
         reusable = not backbone.time_conditioned
         nfe, logp, cost = 0, None, RowCost(len(prompts), reusable, device)
+        rec = recorder(self)  # OFF unless traced (sampling/trace.py)
 
         x = torch.full((len(prompts), length), special.mask, dtype=torch.long, device=device)
         for lo, hi, steps in self.blocks(length):
@@ -198,6 +200,8 @@ class AbsorbingSampler:
                     reveal = self.rule.choose(masked, proposal, logp, grid[i], grid[i + 1], gens, steps - i) & masked
                 if reveal.any():
                     x = torch.where(reveal, proposal, x)
+                rec.step(x, nfe=nfe, committed=reveal, logp=logp, proposal=proposal, t=grid[i])
+                if reveal.any():
                     logp = None  # the input changed: the next step needs a fresh forward pass
                     cost.changed(reveal.any(1))
         tokens, lengths = trim_at_eos(x, special)
