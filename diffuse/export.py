@@ -1,31 +1,67 @@
-"""`python -m diffuse.export ckpt=PATH out=DIR` — a checkpoint as a plain Hugging Face-style folder.
+"""`python -m diffuse.export ckpt=PATH out=DIR [format=diffuse|llama]` — a checkpoint as a Hugging Face folder.
 
-The folder holds `model.safetensors` (the backbone's weights under their plain state-dict keys),
-`diffuse_config.json` (the run config) and the tokenizer (`tokenizer.json` & co.). `load_exported(DIR)`
+format=diffuse (default): `model.safetensors` (the backbone's weights under their plain state-dict keys),
+`diffuse_config.json` (the run config) and the tokenizer (`tokenizer.json` & co.); `load_exported(DIR)`
 rebuilds the model from that folder alone, with identical logits.
+format=llama: an `objective=autoregressive` transformer as a stock `LlamaForCausalLM` folder (config.json,
+model.safetensors under Llama's keys, a tokenizer that starts every text with BOS as training did), which
+transformers, lm-eval's `hf` model, vLLM and llama.cpp's converter load as it is, without diffuse.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file, save_model
 from transformers import AutoTokenizer
 
 from diffuse.core.paths import CONFIG_DIR
+from diffuse.data.tokenizers import with_bos
 from diffuse.errors import DiffuseError, one_line_errors
+from diffuse.models.portable.llama import llama_config, llama_state_dict
 from diffuse.run.build import build_module
 from diffuse.run.load import load_run
 
 CONFIG_FILE = "diffuse_config.json"
 
 
-def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
+def diffuse_folder(cfg, tokenizer, module) -> Callable[[Path], None]:
+    def write(out_dir: Path) -> None:
+        save_model(module.backbone, str(out_dir / "model.safetensors"))  # drops tied duplicates safely
+        (out_dir / CONFIG_FILE).write_text(json.dumps(OmegaConf.to_container(cfg), indent=2))
+        tokenizer.save_pretrained(str(out_dir))
+    return write
+
+
+def llama_folder(cfg, tokenizer, module) -> Callable[[Path], None]:
+    objective = module.objective.registry_name
+    if objective != "autoregressive":
+        raise DiffuseError(f"format=llama exports a causal LM (objective=autoregressive); this run is "
+                           f"objective={objective}")
+    special = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+    config = llama_config(module.backbone, float(cfg.model.get("rope_base", 10_000.0)),
+                          int(cfg.get("data", {}).get("seq_len", 2048)), special)
+    weights = llama_state_dict(module.backbone)
+
+    def write(out_dir: Path) -> None:
+        config.save_pretrained(str(out_dir))
+        save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        with_bos(tokenizer).save_pretrained(str(out_dir))
+    return write
+
+
+FORMATS = {"diffuse": diffuse_folder, "llama": llama_folder}
+
+
+def export(ckpt: str, out: str, overwrite: bool = False, format: str = "diffuse") -> Path:
     """Into `out`, which must be new or empty: files there that diffuse did not write are never replaced
     (`overwrite=true` replaces the export's own files in it)."""
+    if format not in FORMATS:
+        raise DiffuseError(f"format={format} is not one of {', '.join(FORMATS)}")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise DiffuseError(f"out={out} is a file, not a folder")
@@ -33,18 +69,17 @@ def export(ckpt: str, out: str, overwrite: bool = False) -> Path:
         raise DiffuseError(f"out={out} is not empty: give a new folder, or overwrite=true to write the export's "
                            "files into it (others there are kept)")
     cfg, tokenizer, module = load_run(ckpt)
+    write = FORMATS[format](cfg, tokenizer, module)  # refuses what the format cannot hold before writing
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise DiffuseError(f"out={out} cannot be created ({err.strerror or type(err).__name__})") from None
-    save_model(module.backbone, str(out_dir / "model.safetensors"))  # drops tied duplicates safely
-    (out_dir / CONFIG_FILE).write_text(json.dumps(OmegaConf.to_container(cfg), indent=2))
-    tokenizer.save_pretrained(str(out_dir))
+    write(out_dir)
     return out_dir
 
 
 def load_exported(folder: str):
-    """(config, tokenizer, DiffusionLM) from an exported folder."""
+    """(config, tokenizer, DiffusionLM) from a format=diffuse folder."""
     folder = Path(folder)
     if not (folder / CONFIG_FILE).is_file():
         raise DiffuseError(f"{folder} is not a diffuse export (no {CONFIG_FILE})")
@@ -59,7 +94,8 @@ def load_exported(folder: str):
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    print(f"exported to {export(cfg.ckpt, cfg.out, bool(cfg.get('overwrite', False)))}")
+    path = export(cfg.ckpt, cfg.out, bool(cfg.get("overwrite", False)), str(cfg.get("format", "diffuse")))
+    print(f"exported to {path}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import hashlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from diffuse.core.io import write_text_atomic
@@ -41,6 +41,21 @@ def tokenizer_from_state(state: dict) -> PreTrainedTokenizerFast:
     if state.get("chat_template"):
         tok.chat_template = state["chat_template"]
     return tok
+
+
+def with_bos(tok: PreTrainedTokenizerFast) -> PreTrainedTokenizerFast:
+    """A copy of `tok` that starts every encoding with BOS, as diffuse's rows do (data/rows.py adds it): for
+    software that tokenizes with the folder's tokenizer alone (lm-eval, vLLM). Unchanged when it already does."""
+    if tok.bos_token_id is None or tok("a")["input_ids"][:1] == [tok.bos_token_id]:
+        return tok
+    backend = Tokenizer.from_str(tok.backend_tokenizer.to_str())
+    bos = tok.bos_token
+    backend.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                           special_tokens=[(bos, tok.bos_token_id)])
+    out = PreTrainedTokenizerFast(tokenizer_object=backend, **{k: getattr(tok, k) for k in SPECIALS})
+    if getattr(tok, "chat_template", None):
+        out.chat_template = tok.chat_template
+    return out
 
 
 @TOKENIZERS.register("byte")
