@@ -20,6 +20,7 @@ from diffuse.sampling.base import (
     trim_at_eos,
     truncate,
 )
+from diffuse.sampling.trace import recorder
 
 
 @SAMPLERS.register("ar")
@@ -42,29 +43,31 @@ class ARSampler:
         gens = row_generators(seed, len(prompts), device)
         # room for the prompt and every token generated (the last one is never fed back)
         cache = new_cache(backbone, width + length)
-        out, done, nfe = [], torch.zeros(len(prompts), dtype=torch.bool, device=device), 0
+        tokens = torch.full((len(prompts), length), special.pad, dtype=torch.long, device=device)
+        done, nfe = torch.zeros(len(prompts), dtype=torch.bool, device=device), 0
+        rec = recorder(self)  # OFF unless traced (sampling/trace.py)
         row_nfe = torch.zeros(len(prompts), dtype=torch.long, device=device)
         positions = 0
         step_ids, step_seg = ids, seg
-        for _ in range(length):
+        for i in range(length):
             if cache is None:  # no cache: re-run the whole prefix
-                step_ids = torch.cat([ids] + [o[:, None] for o in out], 1)
-                step_seg = torch.cat([seg] + [torch.ones_like(o[:, None]) for o in out], 1)
+                step_ids = torch.cat([ids, tokens[:, :i]], 1)
+                step_seg = torch.cat([seg, torch.ones_like(tokens[:, :i])], 1)
             hidden = backbone(ids=step_ids, segment_ids=step_seg, causal=True, **({"cache": cache} if cache is not None else {}))
             nfe += 1
             positions += step_ids.shape[1]
             row_nfe += ~done  # alone, a row stops at its own EOS
             logits = backbone.logits(hidden[:, -1:]).float()
             logits[..., special.mask] = float("-inf")
-            nxt = sample_tokens(truncate(logits.log_softmax(-1), self.top_k, self.top_p), self.temperature, gens)[:, 0]
+            logp = logits.log_softmax(-1)
+            nxt = sample_tokens(truncate(logp, self.top_k, self.top_p), self.temperature, gens)[:, 0]
             nxt = nxt.masked_fill(done, special.pad)
-            out.append(nxt)
+            tokens[:, i] = nxt
+            rec.step(tokens, nfe=nfe, committed=lambda: ~done[:, None], logp=logp, proposal=nxt[:, None],
+                     columns=slice(i, i + 1))
             done |= nxt == special.eos
             if done.all():
                 break
             step_ids, step_seg = nxt[:, None], torch.ones_like(nxt[:, None])
-        tokens = torch.stack(out, 1)
-        if tokens.shape[1] < length:
-            tokens = torch.cat([tokens, tokens.new_full((tokens.shape[0], length - tokens.shape[1]), special.pad)], 1)
         tokens, lengths = trim_at_eos(tokens, special)
         return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], row_nfe, positions)

@@ -44,6 +44,7 @@ from diffuse.sampling.base import (
     sample_tokens,
     trim_at_eos,
 )
+from diffuse.sampling.trace import recorder
 from diffuse.schedules import build_schedule
 
 
@@ -90,6 +91,7 @@ class BlockSampler:
         if use_cache:  # the prompt's prefill: alone, a row runs its own prompt's blocks
             cost.per_row += -(-head_seg.sum(1) // size)
         grid = self.schedule.grid(self.steps, self.eps, device)  # every block runs on the same time grid
+        rec = recorder(self)  # OFF unless traced (sampling/trace.py)
         for lo in range(0, length, size):
             hi = min(length, lo + size)
             for i in range(self.steps):
@@ -104,6 +106,8 @@ class BlockSampler:
                 reveal = masked if last else self.rule.choose(masked, proposal, logp, grid[i], grid[i + 1], gens,
                                                               self.steps - i) & masked
                 x[:, lo:hi] = torch.where(reveal, proposal, x[:, lo:hi])
+                rec.step(x, nfe=run.nfe, committed=reveal, logp=logp, proposal=proposal, t=grid[i],
+                         columns=slice(lo, hi))
             done |= (x[:, lo:hi] == special.eos).any(1)
             if done.all() or hi == length:
                 break

@@ -21,6 +21,7 @@ from diffuse.sampling.base import (
     take_generated,
     trim_at_eos,
 )
+from diffuse.sampling.trace import recorder
 
 
 @SAMPLERS.register("ddim")
@@ -60,7 +61,7 @@ class DDIMSampler:
         batch = {"input_ids": ids, "segment_ids": seg}
         T = objective.num_timesteps
         ks = self.grid(T, device)
-        nfe = 0
+        nfe, rec = 0, recorder(self)  # OFF unless traced (sampling/trace.py)
         for k_t, k_s in zip(ks[:-1], ks[1:]):
             t = (k_t.double() / T).expand(ids.shape[0], 1)
             x0_hat = objective.predict(backbone, objective.noised(x, generated), t.float(), batch)
@@ -72,6 +73,9 @@ class DDIMSampler:
             eps_hat = (x - a_t.sqrt() * x0_hat) / (1.0 - a_t).sqrt().clamp_min(1e-12)
             x_s = (a_s.sqrt() * x0_hat + (1.0 - a_s).sqrt() * eps_hat).to(x.dtype)
             x = torch.where(generated[..., None], x_s, clean)
+            # what the canvas reads as now: x̂0 rounded; every generated position is renoised on each step
+            rec.step(lambda: take_generated(objective.round_logits(backbone, x0_hat, table).argmax(-1), starts, length),
+                     nfe=nfe, renoised=lambda: torch.ones(len(prompts), length, dtype=torch.bool), t=t)
         tokens = objective.round_logits(backbone, x0_hat, table).argmax(-1)
         tokens = torch.where(generated, tokens, ids)
         tokens, lengths = trim_at_eos(take_generated(tokens, starts, length), special)

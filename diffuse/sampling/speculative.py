@@ -54,6 +54,7 @@ from diffuse.sampling.base import (
     truncate,
 )
 from diffuse.sampling.drafters import Drafter, HybridDrafter, check_same_tokenizer
+from diffuse.sampling.trace import recorder
 
 
 # -- the rule -------------------------------------------------------------------------------------------------
@@ -92,6 +93,10 @@ class Warp:
         if self.temperature <= 0:
             return torch.zeros_like(logp).scatter_(-1, logp.argmax(-1, keepdim=True), 1.0)
         return (truncate(logp, self.top_k, self.top_p) / self.temperature).softmax(-1)
+
+
+def _padded(rows: list[list[int]], length: int, pad: int) -> torch.Tensor:
+    return torch.tensor([r[:length] + [pad] * (length - len(r[:length])) for r in rows], dtype=torch.long)
 
 
 # -- the sampler ----------------------------------------------------------------------------------------------
@@ -161,6 +166,7 @@ class SpeculativeSampler:
             nfe, positions = nfe + 1, positions + W - 1
             prefill = (head_seg.sum(1) > 1).long()  # alone, a row with an empty prompt has nothing to prefill
         accepted_total = drafted_total = 0
+        rec = recorder(self)  # OFF unless traced (sampling/trace.py): one step per verification pass
         while not done.all():
             rows = (~done).nonzero().squeeze(1).tolist()
             row_gens = [gens[r] for r in rows]
@@ -177,6 +183,7 @@ class SpeculativeSampler:
             accepted_total += int(n.sum())
             drafted_total += k * len(rows)
             verified = self._commit(rows, drafts, n, nxt, out, seqs, pending, done, length, special)
+            rec.step(lambda: _padded(out, length, special.pad), nfe=nfe, blank=special.pad)
             if cache is not None and not done.all():  # keep the columns every decoding row verified
                 live = [r for r in rows if not done[r]]
                 keep = min(verified[r] for r in live)

@@ -49,7 +49,7 @@ class Trajectory:
         """[B, L] the index of the last step that committed each position (−1: never)."""
         at = torch.full_like(self.steps[0].canvas, -1) if self.steps else torch.empty(0, 0, dtype=torch.long)
         for i, s in enumerate(self.steps):
-            at[s.committed | s.renoised] = i
+            at[s.committed] = i
             at[s.remasked] = -1
         return at
 
@@ -59,12 +59,15 @@ class Recorder:
         self.trajectory, self.on_step = Trajectory(), on_step
         self._last: torch.Tensor | None = None
 
-    def step(self, canvas: torch.Tensor, *, nfe: int, committed: torch.Tensor | None = None,
-             remasked: torch.Tensor | None = None, renoised: torch.Tensor | None = None,
-             logp: torch.Tensor | None = None, proposal: torch.Tensor | None = None,
-             confidence: torch.Tensor | None = None, t=None, columns: slice | None = None) -> None:
-        """`canvas` [B, L]; masks [B, L] (or over `columns` of it: a block sampler's block); `logp` [B, ·, V]
-        the step's log-probabilities over `columns` (entropy, and confidence of `proposal`)."""
+    def step(self, canvas, *, nfe: int, committed=None, remasked=None, renoised=None, logp=None, proposal=None,
+             confidence=None, t=None, columns: slice | None = None, blank: int | None = None) -> None:
+        """`canvas` [B, L]; masks [B, L], or over `columns` of it (a block sampler's block, AR's next token);
+        `logp` [B, ·, V] the step's log-probabilities over `columns` (entropy; confidence of `proposal`).
+        Any argument may be a function of nothing, called only here: what costs work to build (DDIM's rounding,
+        the speculative sampler's rows) costs nothing untraced. `committed` left out: the `columns`, else
+        every position that changed since the last step (on the first: all but those still `blank`)."""
+        canvas, committed, remasked, renoised, logp, proposal, confidence = (
+            x() if callable(x) else x for x in (canvas, committed, remasked, renoised, logp, proposal, confidence))
         canvas = canvas.detach().to("cpu", copy=True)
         none = torch.zeros_like(canvas, dtype=torch.bool)
 
@@ -78,9 +81,12 @@ class Recorder:
             out[:, columns] = x
             return out
 
-        if committed is None:  # what changed and is not a mask any more
+        if committed is None and columns is not None:
+            committed = none.clone()
+            committed[:, columns] = True
+        elif committed is None:
             last = self._last if self._last is not None and self._last.shape == canvas.shape else None
-            committed = canvas != last if last is not None else none.clone()
+            committed = canvas != last if last is not None else (~none if blank is None else canvas != blank)
         entropy = None
         if logp is not None:
             lp = logp.detach().float()
