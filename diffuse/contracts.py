@@ -235,6 +235,19 @@ class TakesCachedLayout(Protocol):
 
 
 @runtime_checkable
+class SelfConditioned(Protocol):
+    """A backbone that may read the softmax of its previous logits (`backbone(..., prev_probs=[B, L, V])`:
+    self-conditioning, `model.self_condition=true`); `self_conditioned` says whether this one was built with it."""
+
+    self_conditioned: bool
+
+
+def is_self_conditioned(backbone: Any) -> bool:
+    """Whether `backbone` takes `prev_probs` (objectives run a first pass for it; samplers pass the last step's)."""
+    return isinstance(backbone, SelfConditioned) and bool(backbone.self_conditioned)
+
+
+@runtime_checkable
 class DraftsForItself(Protocol):
     """An autoregressive objective whose network also drafts (objective=hybrid's draft row): up to
     `draft_block_size` masks right after a causal context, in one pass. sampler=speculative drafts with it when no

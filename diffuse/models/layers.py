@@ -22,6 +22,23 @@ class SwiGLU(nn.Module):
         return self.down(F.silu(gate) * up)
 
 
+class SelfCondition(nn.Module):
+    """Self-conditioning's input term (DESIGN §7): SwiGLU(RMSNorm(p @ E)), p the softmax of the previous step's
+    logits [.., V] and E the token embedding table. Neither part has a bias, so p = 0 (no previous logits) adds
+    exactly nothing; the down projection starts at zero, so a fresh model is the model without it."""
+
+    def __init__(self, d_model: int, mlp_ratio: float):
+        super().__init__()
+        self.norm = nn.RMSNorm(d_model)
+        self.mlp = SwiGLU(d_model, swiglu_hidden(d_model, mlp_ratio))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.mlp.down.weight)
+
+    def forward(self, probs: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.norm(probs.to(table.dtype) @ table))
+
+
 def swiglu_hidden(d_model: int, mlp_ratio: float, multiple: int = 64) -> int:
     """LLaMA's sizing: 2/3 of ratio·d, rounded up to a multiple (same parameters as a GELU MLP)."""
     hidden = int(2 * mlp_ratio * d_model / 3)
@@ -78,13 +95,24 @@ class TokenEnds(nn.Module):
     def time_conditioned(self) -> bool:
         return self.time_emb is not None
 
+    @property
+    def self_conditioned(self) -> bool:
+        """contracts.SelfConditioned: built with `self_cond` (model.self_condition=true)."""
+        return getattr(self, "self_cond", None) is not None
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.tok_emb(ids)
 
-    def inputs(self, ids: torch.Tensor | None, embeds: torch.Tensor | None, t: torch.Tensor | None) -> torch.Tensor:
+    def inputs(self, ids: torch.Tensor | None, embeds: torch.Tensor | None, t: torch.Tensor | None,
+               prev_probs: torch.Tensor | None = None) -> torch.Tensor:
         """The trunk's input: the embeddings of `ids` (or `embeds`, continuous inputs), plus the embedding of t
-        when the model is time-conditioned (t is ignored otherwise)."""
+        when the model is time-conditioned (t is ignored otherwise), plus the self-conditioning term of
+        `prev_probs` [B, L, V] when the model has one (None: nothing added)."""
         x = self.embed(ids) if embeds is None else embeds
+        if prev_probs is not None:
+            if not self.self_conditioned:
+                raise DiffuseError("prev_probs given to a model built without model.self_condition=true")
+            x = x + self.self_cond(prev_probs, self.tok_emb.weight).to(x.dtype)
         if self.time_emb is None:
             return x
         if t is None:

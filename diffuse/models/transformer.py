@@ -18,6 +18,7 @@ from diffuse.errors import DiffuseError
 from diffuse.models.layers import (
     BlockLayout,
     RotaryEmbedding,
+    SelfCondition,
     SwiGLU,
     TimestepEmbedding,
     TokenEnds,
@@ -170,6 +171,7 @@ class Transformer(TokenEnds):
         time_conditioning: bool = False,
         tie_weights: bool = True,
         attention: str = "sdpa",
+        self_condition: bool = False,
     ):
         super().__init__()
         for key, value in (("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)):
@@ -187,6 +189,8 @@ class Transformer(TokenEnds):
         self.vocab_size, self.d_model = vocab_size, d_model
         self.tok_emb = nn.Embedding(vocab_size, d_model)
         self.time_emb = TimestepEmbedding(d_model) if time_conditioning else None
+        # created only when asked: a model without it keeps its state-dict keys (older checkpoints load unchanged)
+        self.self_cond = SelfCondition(d_model, mlp_ratio) if self_condition else None
         self.rope = RotaryEmbedding(d_model // n_heads, rope_base)
         self.blocks = nn.ModuleList(Block(d_model, n_heads, mlp_ratio, dropout) for _ in range(n_layers))
         self.norm = nn.RMSNorm(d_model)
@@ -197,6 +201,8 @@ class Transformer(TokenEnds):
         for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
             if name.endswith(("attn.out.weight", "mlp.down.weight")):
                 nn.init.normal_(p, std=0.02 / (2 * n_layers) ** 0.5)
+        if self.self_cond is not None:
+            self.self_cond.reset_parameters()
 
     @staticmethod
     def _init(m):
@@ -206,7 +212,7 @@ class Transformer(TokenEnds):
                 nn.init.zeros_(m.bias)
 
     def forward(self, ids=None, embeds=None, t=None, segment_ids=None, causal=False, cache: KVCache | None = None,
-                layout: BlockLayout | None = None):
+                layout: BlockLayout | None = None, prev_probs: torch.Tensor | None = None):
         """Hidden states [B, L, D] after the final norm. Give `ids` or `embeds` (continuous inputs).
 
         `layout`: block diffusion's attention pattern and positions (models/layers.py BlockLayout). With a
@@ -215,8 +221,11 @@ class Transformer(TokenEnds):
         causal stream keyed by their position, and the new queries see [cached ; new] keys by the layout's rule
         (BlockLayout.cached_mask). Such a call appends at the cache's end and writes its K/V there like any
         other (truncate afterwards what should not stay).
+
+        `prev_probs` [B, L, V]: self-conditioning's previous prediction (model.self_condition=true; zero rows or
+        None add nothing).
         """
-        x = self.inputs(ids, embeds, t)
+        x = self.inputs(ids, embeds, t, prev_probs)
         B, L, _ = x.shape
         if layout is not None and causal:
             raise DiffuseError("a block layout brings its own attention pattern: no causal flag")

@@ -31,8 +31,15 @@ from torch import nn
 from diffuse.contracts import ABSORBING, BLOCK_ABSORBING, TakesBlockLayout
 from diffuse.core.noise import batch_draw
 from diffuse.errors import DiffuseError
-from diffuse.models.layers import BlockLayout
-from diffuse.objectives.base import LossOutput, SpecialTokens, antithetic_uniform, noisable_positions
+from diffuse.objectives.base import (
+    LossOutput,
+    SpecialTokens,
+    antithetic_uniform,
+    noisable_positions,
+    noisy_and_clean_hidden,
+    per_block_uniform,
+    self_condition_probs,
+)
 from diffuse.objectives.losses import selected_cross_entropy
 from diffuse.schedules import Schedule
 
@@ -132,9 +139,7 @@ class AbsorbingObjective(nn.Module):
             return lo + (hi - lo) * torch.rand((x0.shape[0], 1), device=x0.device, generator=generator)
         tail = self.t_tail(x0, train)
         if self.block_size is not None and tail == (1,):  # a t per block, repeated over its tokens
-            n_blocks = -(-x0.shape[1] // self.block_size)
-            u = antithetic_uniform(x0.shape[0], x0.device, generator, (n_blocks,))
-            u = u.repeat_interleave(self.block_size, dim=1)[:, : x0.shape[1]]
+            u = per_block_uniform(x0, self.block_size, generator)
         else:
             u = antithetic_uniform(x0.shape[0], x0.device, generator, tail)
         return self.t_from_uniform(u, train)
@@ -154,23 +159,22 @@ class AbsorbingObjective(nn.Module):
         return self.mask_prob(t)
 
     # -- the network's prediction -------------------------------------------------------------------
-    def hidden(self, backbone, z, t, batch) -> torch.Tensor:
-        t_in = t.squeeze(-1) if t.dim() == 2 and t.shape[1] == 1 else t
-        if self.block_size is None:
-            return backbone(ids=z, t=t_in, segment_ids=batch.get("segment_ids"))
-        # block diffusion: [x_t ; x_0] under the BD3LM mask; the noisy half's hidden states predict x0
-        B, L = z.shape
-        seg = batch.get("segment_ids")
-        t_tok = t.expand(B, L) if t.dim() == 2 else t.reshape(B, 1).expand(B, L)  # t per token (t_range: [B, 1])
-        t_in = torch.cat([t_tok, torch.zeros_like(t_tok)], 1)  # the clean copy is at t = 0
-        layout = BlockLayout.noisy_and_clean(L, self.block_size, z.device)
-        h = backbone(ids=torch.cat([z, batch["input_ids"]], 1), t=t_in,
-                     segment_ids=None if seg is None else seg.repeat(1, 2), layout=layout)
-        return h[:, :L]
+    def hidden(self, backbone, z, t, batch, prev_probs=None) -> torch.Tensor:
+        """`prev_probs`: self-conditioning's previous prediction (objectives/base.py self_condition_probs)."""
+        if self.block_size is None:  # else block diffusion: [x_t ; x_0] under the BD3LM mask
+            t_in = t.squeeze(-1) if t.dim() == 2 and t.shape[1] == 1 else t
+            extra = {} if prev_probs is None else {"prev_probs": prev_probs}
+            return backbone(ids=z, t=t_in, segment_ids=batch.get("segment_ids"), **extra)
+        return noisy_and_clean_hidden(backbone, z, t, batch, self.block_size, prev_probs)
+
+    def conditioned_hidden(self, backbone, z, t, batch, generator=None, train: bool = True) -> torch.Tensor:
+        """`hidden`, after self-conditioning's first pass where the backbone has it."""
+        prev = self_condition_probs(backbone, lambda: self.hidden(backbone, z, t, batch), generator, train)
+        return self.hidden(backbone, z, t, batch) if prev is None else self.hidden(backbone, z, t, batch, prev)
 
     def predict(self, backbone, z, t, batch) -> torch.Tensor:
         """SUBS log-probabilities over x0 [B, L, V]: [MASK] impossible; unmasked positions one-hot on z."""
-        return self.log_probs(backbone.logits(self.hidden(backbone, z, t, batch)), z)
+        return self.log_probs(backbone.logits(self.conditioned_hidden(backbone, z, t, batch, train=False)), z)
 
     def log_probs(self, logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """SUBS: the network's logits at the positions of z → log p(x0 | z) (samplers use it directly)."""
@@ -192,7 +196,7 @@ class AbsorbingObjective(nn.Module):
         t = self.sample_t(x0, generator, train, t_range)
         z = self.corrupt(x0, t, self.draw_noise(x0, generator), batch)
         masked, maskable = self.still_noisy(z), self.maskable(batch)
-        ce = selected_cross_entropy(backbone, self.hidden(backbone, z, t, batch), masked, x0,
+        ce = selected_cross_entropy(backbone, self.conditioned_hidden(backbone, z, t, batch, generator, train), masked, x0,
                                     self.train_weight(t, masked, maskable, batch), exclude=self.special.mask)
         nll_sum = (ce.nll * torch.broadcast_to(self.elbo_weight(t), masked.shape)[masked]).sum()
         n_tokens = maskable.sum()

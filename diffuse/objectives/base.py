@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 
 import torch
 
+from diffuse.contracts import is_self_conditioned
 from diffuse.core.noise import batch_strata
+from diffuse.models.layers import BlockLayout
 
 
 @dataclass(frozen=True)
@@ -76,3 +78,46 @@ def predicted_token_stats(logits: torch.Tensor, targets: torch.Tensor, where: to
         probs = logits[where].float().softmax(-1)
         conf, pred = probs.max(-1)
         return (pred == targets[where]).float(), conf
+
+
+def per_block_uniform(x0: torch.Tensor, block_size: int, generator=None) -> torch.Tensor:
+    """[B, L] antithetic u ∈ [0, 1): one draw per block of `block_size` tokens (BD3LM: a t per block), stratified over
+    the batch block by block, repeated over the block's tokens."""
+    n_blocks = -(-x0.shape[1] // block_size)
+    u = antithetic_uniform(x0.shape[0], x0.device, generator, (n_blocks,))
+    return u.repeat_interleave(block_size, dim=1)[:, : x0.shape[1]]
+
+
+def noisy_and_clean_hidden(backbone, z: torch.Tensor, t: torch.Tensor, batch, block_size: int,
+                           prev_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """Block diffusion (BD3LM): the network reads [z ; x0] (2L positions) under BlockLayout.noisy_and_clean, so a
+    noisy block sees itself and the clean blocks before it; returns the noisy half's hidden states [B, L, D].
+    `prev_probs` (self-conditioning, [B, L, V]) is given to the noisy half, zeros (nothing) to the clean one."""
+    B, L = z.shape
+    seg = batch.get("segment_ids")
+    t_tok = t.expand(B, L) if t.dim() == 2 else t.reshape(B, 1).expand(B, L)  # t per token (t_range: [B, 1])
+    t_in = torch.cat([t_tok, torch.zeros_like(t_tok)], 1)  # the clean copy is at t = 0
+    layout = BlockLayout.noisy_and_clean(L, block_size, z.device)
+    extra = {} if prev_probs is None else {"prev_probs": torch.cat([prev_probs, torch.zeros_like(prev_probs)], 1)}
+    h = backbone(ids=torch.cat([z, batch["input_ids"]], 1), t=t_in,
+                 segment_ids=None if seg is None else seg.repeat(1, 2), layout=layout, **extra)
+    return h[:, :L]
+
+
+SELF_CONDITION_RATE = 0.5  # training: the share of steps that run the first (no-grad) pass
+
+
+def self_condition_probs(backbone, first_pass, generator=None, train: bool = True) -> torch.Tensor | None:
+    """Self-conditioning (Chen et al. 2022, arXiv 2208.04202; DESIGN §7): softmax of the logits of a first pass
+    without gradient, which the second pass reads (`backbone(..., prev_probs=…)`); None (the network adds nothing)
+    for a backbone without it, and in training on the other half of the steps. `first_pass()` returns hidden
+    states [B, L, D]. One coin per batch (one host sync a step, only for self-conditioned backbones); validation
+    always runs both passes, so val/nelbo is the bound of the two-pass network, which is a function of z_t alone."""
+    if not is_self_conditioned(backbone):
+        return None
+    if train:
+        coin = torch.rand((), generator=generator, device=generator.device if generator is not None else None)
+        if float(coin) >= SELF_CONDITION_RATE:
+            return None
+    with torch.no_grad():
+        return backbone.logits(first_pass()).float().softmax(-1)
