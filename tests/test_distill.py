@@ -18,7 +18,7 @@ from torch import nn
 from conftest import SPECIAL, VOCAB, FixedLogits, ZeroBackbone, call_main, error_lines, tiny_args, tiny_transformer
 from diffuse.distillation import trajectories as traj
 from diffuse.distillation.cdlm import CDLM
-from diffuse.distillation.divergences import kl, mse, pick_divergence, tvd
+from diffuse.distillation.divergences import kl, mse, pick_divergence, reverse_kl, tvd
 from diffuse.distillation.sdtt import SDTT
 from diffuse.errors import DiffuseError
 from diffuse.run.frozen import Frozen
@@ -76,7 +76,7 @@ def random_logp(shape, seed):
     return torch.randn(*shape, generator=gen(seed)).log_softmax(-1)
 
 
-@pytest.mark.parametrize("div", [kl, mse, tvd])
+@pytest.mark.parametrize("div", [kl, reverse_kl, mse, tvd])
 def test_divergence_of_identical_distributions_is_zero(div):
     p = random_logp((3, 5, 7), 0)
     assert torch.allclose(div(p, p), torch.zeros(3, 5), atol=1e-7)
@@ -95,6 +95,24 @@ def test_kl_is_nonnegative_and_matches_a_hand_computation():
     # against torch's own KL (input = log q, target = log p)
     ref = torch.nn.functional.kl_div(b, a, log_target=True, reduction="none").sum(-1)
     assert torch.allclose(kl(a, b), ref, atol=1e-6)
+
+
+def test_reverse_kl_is_the_student_to_teacher_kl_of_sdtts_reference():
+    p = torch.tensor([0.5, 0.25, 0.25])  # target (teacher)
+    q = torch.tensor([0.25, 0.5, 0.25])  # prediction (student)
+    want = 0.25 * math.log(0.5) + 0.5 * math.log(2)  # Σ q log(q/p)
+    assert reverse_kl(p.log(), q.log()).item() == pytest.approx(want, abs=1e-6)
+    a, b = random_logp((64, 11), 2), random_logp((64, 11), 3)
+    assert torch.allclose(reverse_kl(a, b), kl(b, a)) and not torch.allclose(reverse_kl(a, b), kl(a, b), atol=1e-3)
+    assert (reverse_kl(a, b) >= 0).all()
+    # SDTT's `kl-bwd`: F.kl_div(target, preds, log_target=True, reduction="batchmean") with preds the student's
+    ref = torch.nn.functional.kl_div(a, b, log_target=True, reduction="batchmean")
+    assert reverse_kl(a, b).mean().item() == pytest.approx(ref.item(), rel=1e-5)
+    # a student that puts mass where the teacher has none costs infinity (mode-seeking), the other way round not
+    teacher = torch.tensor([[0.0, float("-inf")]])
+    student = torch.tensor([0.5, 0.5]).log()[None]
+    assert reverse_kl(teacher, student).item() == float("inf")
+    assert kl(teacher, student).item() == pytest.approx(math.log(2))
 
 
 def test_tvd_in_unit_interval_and_one_for_disjoint_one_hots():
@@ -140,7 +158,7 @@ def test_student_grid_is_every_kth_point_of_the_teachers(steps, k):
     assert (grid[1:] < grid[:-1]).all()
 
 
-@pytest.mark.parametrize("divergence", ["kl", "mse", "tvd"])
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "mse", "tvd"])
 def test_identical_input_free_teacher_and_student_give_zero_loss(divergence):
     B, L = 4, 16
     logits = torch.randn(B, L, VOCAB, generator=gen(1))
