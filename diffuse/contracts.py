@@ -143,6 +143,15 @@ class Absorbing(NoisingObjective, Protocol):
 
 
 @runtime_checkable
+class UniformState(NoisingObjective, Protocol):
+    """The uniform-state family (objectives/uniform.py): a token jumps to a uniformly random one with 1 − α(t)."""
+
+    def posterior(self, x: torch.Tensor, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """q(z_s | z_t = z, x) over the vocabulary [..., V] for s < t: x a one-hot x0 or the network's x_θ."""
+        ...
+
+
+@runtime_checkable
 class Blockwise(Protocol):
     """An objective that may train block diffusion (BD3LM): `block_size` b, None for the full-sequence model."""
 

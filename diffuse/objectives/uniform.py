@@ -161,6 +161,10 @@ class Uniform(nn.Module):
     def noise_level(self, t) -> torch.Tensor:
         return 1.0 - self.schedule.alpha(t)
 
+    def posterior(self, x: torch.Tensor, z: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """contracts.UniformState: q(z_s | z_t = z, x) [..., V] for s < t (x one-hot or x_θ; s, t shaped like z)."""
+        return uniform_posterior(x, z, self.schedule.alpha(s), self.schedule.alpha(t))
+
     # -- the network's prediction -------------------------------------------------------------------
     def hidden(self, backbone, z, t, batch, prev_probs=None) -> torch.Tensor:
         extra = {} if prev_probs is None else {"prev_probs": prev_probs}
