@@ -1,0 +1,148 @@
+"""lm-evaluation-harness on diffuse checkpoints (issue 28): the Monte-Carlo estimator against the ELBO and the
+log-likelihood enumerated on a tiny model, scores independent of batch size and reproducible, the exact AR score
+equal to the bound diffuse.evaluate reports, and `python -m diffuse.lm_eval` on offline local tasks."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+from conftest import SPECIAL, call_main, error_lines, tiny_transformer
+from evaluation_runs import ckpt, corpus
+
+from diffuse.evaluation.continuations import ExactScorer, MonteCarloScorer
+from diffuse.objectives.autoregressive import Autoregressive
+from diffuse.objectives.hybrid import Hybrid
+from diffuse.objectives.masked_discrete import MaskedDiscrete
+from diffuse.schedules import build_schedule
+
+CONTEXT, CONTINUATION = [SPECIAL.bos, 3, 5, 7], [1, 2, 4]
+
+
+@pytest.fixture(scope="module")
+def peaked():
+    """A random tiny transformer with its weights scaled up: sharp predictions that depend on each other, so the
+    ELBO sits visibly below log p."""
+    backbone = tiny_transformer(d_model=16, n_layers=1)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.mul_(4.0)
+    return backbone, MaskedDiscrete(build_schedule("linear"), SPECIAL)
+
+
+@torch.no_grad()
+def subs_log_probs(backbone, objective, z: list[int]) -> torch.Tensor:
+    ids = torch.tensor([z])
+    hidden = objective.hidden(backbone, ids, torch.ones(1, 1), {"input_ids": ids, "segment_ids": torch.ones_like(ids)})
+    return objective.log_probs(backbone.logits(hidden).double(), ids)[0]
+
+
+def masked_row(masked) -> list[int]:
+    return CONTEXT + [SPECIAL.mask if i in masked else c for i, c in enumerate(CONTINUATION)]
+
+
+def test_monte_carlo_estimate_converges_to_the_enumerated_elbo_below_log_p(peaked):
+    backbone, objective = peaked
+    k, start = len(CONTINUATION), len(CONTEXT)
+    # the ELBO by mask count: E_m~U{1..k} E_|S|=m [(k/m) Σ_{j∈S} log p(c_j | x, c with S masked)]
+    elbo = 0.0
+    for m in range(1, k + 1):
+        subsets = list(itertools.combinations(range(k), m))
+        for subset in subsets:
+            logp = subs_log_probs(backbone, objective, masked_row(subset))
+            elbo += sum(float(logp[start + j, CONTINUATION[j]]) for j in subset) * (k / m) / len(subsets) / k
+    # log p of the model's generative process (reveal one token at a time in a uniformly random order), and the
+    # same ELBO as E_order Σ log p (the any-order form): Jensen puts it below log p
+    products, order_elbo = [], 0.0
+    for order in itertools.permutations(range(k)):
+        revealed, total = set(), 0.0
+        for j in order:
+            total += float(subs_log_probs(backbone, objective, masked_row(set(range(k)) - revealed))[start + j,
+                                                                                                   CONTINUATION[j]])
+            revealed.add(j)
+        products.append(math.exp(total))
+        order_elbo += total / math.factorial(k)
+    log_p = math.log(sum(products) / len(products))
+    assert order_elbo == pytest.approx(elbo, abs=1e-9)
+    assert elbo < log_p - 0.1  # visibly apart: a test that confused the two would fail
+
+    score = MonteCarloScorer(backbone, objective, batch_size=512, mc_samples=2048, seed=0).score([(CONTEXT, CONTINUATION)])[0]
+    assert 0 < score.stderr < 0.05
+    assert abs(score.logprob - elbo) < 4 * score.stderr  # unbiased for the ELBO (a wrong k/m weighting is far off)
+    assert abs(score.logprob - log_p) > 4 * score.stderr
+
+
+def test_scores_depend_neither_on_batch_size_nor_on_order_and_reruns_repeat(peaked):
+    backbone, objective = peaked
+    requests = [(CONTEXT, CONTINUATION), (CONTEXT[:2], CONTINUATION + [9, 11]), ([SPECIAL.bos], [6])]
+
+    def scores(batch_size, reqs=requests, seed=0):
+        return [s.logprob for s in MonteCarloScorer(backbone, objective, batch_size, 16, seed).score(reqs)]
+
+    first = scores(5)
+    # equal up to float32 rounding (other batches are other padding widths: other summation orders)
+    assert scores(64) == pytest.approx(first, abs=1e-5)
+    assert scores(1) == pytest.approx(first, abs=1e-5)
+    assert scores(7, requests[::-1]) == pytest.approx(first[::-1], abs=1e-5)
+    assert scores(5) == first  # a rerun: the same numbers
+    assert scores(5, seed=1) != first
+
+
+def test_exact_score_is_the_nll_the_objective_reports_for_ar_and_the_hybrid_clean_row():
+    tokens = [4, 8, 15, 16, 23, 2, 30]
+    ids = torch.tensor([[SPECIAL.bos] + tokens])
+    for objective in (Autoregressive(SPECIAL), Hybrid(build_schedule("linear"), SPECIAL, block_size=4)):
+        backbone = tiny_transformer(seed=1)
+        with torch.no_grad():
+            nll = float(objective.loss(backbone, {"input_ids": ids, "segment_ids": torch.ones_like(ids)}, train=False).nll_sum)
+        scorer = ExactScorer(backbone, SPECIAL, batch_size=2)
+        whole, split = scorer.score([([SPECIAL.bos], tokens), ([SPECIAL.bos] + tokens[:3], tokens[3:])])
+        head = scorer.score([([SPECIAL.bos], tokens[:3])])[0]
+        assert whole.logprob == pytest.approx(-nll, abs=1e-4)
+        assert head.logprob + split.logprob == pytest.approx(whole.logprob, abs=1e-5)  # the chain rule
+
+
+def local_tasks(tmp_path):
+    from diffuse.evaluation.local_tasks import write_local_tasks
+
+    return write_local_tasks(corpus(), tmp_path / "tasks", docs=8)
+
+
+@pytest.mark.parametrize("objective", ["autoregressive", "masked_discrete"])
+def test_lm_eval_command_writes_lm_evals_results_and_the_estimator_choices(tmp_path, objective):
+    run_dir = tmp_path / "run"
+    result = call_main("diffuse.lm_eval", f"ckpt={ckpt(objective)}", "tasks=[diffuse_cloze,diffuse_continue,diffuse_text]",
+                       f"task_dir={local_tasks(tmp_path)}", "builtin_tasks=false", "limit=4", "mc_samples=8",
+                       "steps=4", "device=cpu", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result
+    results = json.loads((run_dir / "results.json").read_text())
+    assert set(results["results"]) == {"diffuse_cloze", "diffuse_continue", "diffuse_text"}
+    assert 0 <= results["results"]["diffuse_cloze"]["acc,none"] <= 1
+    assert results["results"]["diffuse_text"]["bits_per_byte,none"] > 0
+    choices = results["diffuse"]
+    expected = "exact" if objective == "autoregressive" else "monte_carlo"
+    assert choices["loglikelihood"]["estimator"].startswith(expected)
+    assert choices["generate_until"]["samplers_used"][0]["temperature"] == 0.0  # the task does not sample
+    table = (run_dir / "lm_eval.md").read_text()
+    assert "diffuse_cloze" in table and "Estimator choices" in table and (run_dir / ".hydra").is_dir()
+
+
+def test_the_model_is_registered_in_lm_evals_registry():
+    from lm_eval.api.registry import get_model
+
+    from diffuse.evaluation.lm_eval_model import DiffuseLM
+
+    assert get_model("diffuse") is DiffuseLM
+
+
+def test_bad_input_is_one_line(tmp_path):
+    tasks = local_tasks(tmp_path)
+    common = (f"task_dir={tasks}", "builtin_tasks=false", f"hydra.run.dir={tmp_path / 'run'}")
+    unknown = call_main("diffuse.lm_eval", f"ckpt={ckpt('autoregressive')}", "tasks=diffuse_clozee", *common)
+    assert unknown.returncode == 2 and error_lines(unknown.stderr) == [
+        "error: tasks: diffuse_clozee is not a task lm-eval knows (did you mean diffuse_cloze?) among task_dir's (builtin_tasks=false)"]
+    odd = call_main("diffuse.lm_eval", f"ckpt={ckpt('autoregressive')}", "tasks=diffuse_cloze", "mc_samples=3", *common)
+    assert odd.returncode == 2 and "mc_samples=3 must be an even integer" in error_lines(odd.stderr)[0]
