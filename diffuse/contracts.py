@@ -229,6 +229,26 @@ class Seekable(Protocol):
 
 
 @runtime_checkable
+class EncodesCanvas(Cached, Protocol):
+    """A backbone with DiffusionGemma's two passes (models/diffusion_gemma.py): a causal encoder that appends the
+    context's K/V to the cache, and a bidirectional pass over a canvas of `canvas_length` tokens that reads it
+    (never writes it), self-conditioned on the previous step's logits. sampler=entropy_bound decodes through it."""
+
+    canvas_length: int
+
+    def encode(self, ids: torch.Tensor, attention_mask: torch.Tensor, positions: torch.Tensor,
+               cache: Any) -> torch.Tensor:
+        """Hidden states [B, n, D] of the new context tokens; attention_mask [B, cached + n] False on padding."""
+        ...
+
+    def denoise(self, canvas: torch.Tensor, cache: Any, attention_mask: torch.Tensor, positions: torch.Tensor,
+                self_conditioning_logits: torch.Tensor | None = None,
+                self_conditioning_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits [B, C, V] of the canvas after the cached context (None: no self-conditioning)."""
+        ...
+
+
+@runtime_checkable
 class TakesBlockLayout(Protocol):
     """A backbone that says whether it takes a `layout=` (models/layers.py BlockLayout): block diffusion."""
 
