@@ -459,36 +459,93 @@ def test_the_hybrid_drafts_with_its_training_layouts_draft_block():
     assert q2.shape == (1, 2, VOCAB)
 
 
+@pytest.mark.parametrize("predraft", [False, True])
 @pytest.mark.parametrize("k", [None, 1, 3, 4])
-def test_greedy_hybrid_self_drafting_gives_the_ar_samplers_tokens(trained_hybrid, k):
+def test_greedy_hybrid_self_drafting_gives_the_ar_samplers_tokens(trained_hybrid, k, predraft):
+    if predraft and k == 4:
+        pytest.skip("a pre-draft block of 4 drops its first slot: k ≤ 3 (refused in test_hybrid_draft_length_…)")
     prompts = PROMPTS + [[i % 8, (3 * i) % 8, (7 * i) % 36] for i in range(12)] + [[0, 1, 2, 3, 4, 5, 6]]
     for model, objective in (trained_hybrid, (sharp_transformer(seed=0), hybrid_objective(4))):
-        sampler = SpeculativeSampler(draft_length=k, temperature=0.0)
+        sampler = SpeculativeSampler(draft_length=k, temperature=0.0, predraft=predraft)
         ar = ARSampler(temperature=0.0).generate(model, objective, prompts, 10)
         batch = sampler.generate(model, objective, prompts, 10)
-        assert sampler.stats["draft_length"] == (k or 4)
+        assert sampler.stats["draft_length"] == (k or (3 if predraft else 4))
+        assert sampler.stats["predraft"] is predraft
         assert torch.equal(batch.tokens, ar.tokens) and torch.equal(batch.lengths, ar.lengths)
         for i, p in enumerate(prompts[:8]):  # batch = singles (left padding)
             alone = sampler.generate(model, objective, [p], 10)
             assert torch.equal(alone.tokens[0], batch.tokens[i]) and alone.nfe == batch.row_nfe[i]
     # the trained drafter is right most of the time on the chain: fewer passes than AR
     model, objective = trained_hybrid
-    sampler = SpeculativeSampler(draft_length=k, temperature=0.0)
+    sampler = SpeculativeSampler(draft_length=k, temperature=0.0, predraft=predraft)
     out = sampler.generate(model, objective, [[0, 1, 2]], 12)
     ar_nfe = ARSampler(temperature=0.0).generate(model, objective, [[0, 1, 2]], 12).nfe
     assert sampler.stats["acceptance_rate"] > 0.5
-    assert out.nfe < ar_nfe or k == 1  # (k = 1: two passes for at most two tokens)
-    # drafted against the target's cache: 1 + k positions per draft (the prefill, then a draft and a verification)
-    assert sampler.stats["draft_positions"] == (out.nfe - 1) // 2 * ((k or 4) + 1)
+    assert out.nfe < ar_nfe or k == 1  # (k = 1 in two passes: at most two tokens per draft-and-verify)
+    K = k or (3 if predraft else 4)
+    if predraft:  # one pass per step (after the prefill) over the clean tail and k+1 blocks of k+1 masks (none
+        # verified on the first step): fewer passes than drafting and verifying apart, and at most k + 1 tokens each
+        steps = out.nfe - 1
+        assert sampler.stats["draft_positions"] == (K + 1) + (steps - 1) * (K + 1) ** 2
+        assert 12 / steps <= K + 1
+    else:  # drafted against the target's cache: 1 + k positions per draft (the prefill, then a draft and a verification)
+        assert sampler.stats["draft_positions"] == (out.nfe - 1) // 2 * (K + 1)
 
 
-def test_hybrid_self_drafting_at_temperature_one_has_the_exact_ar_distribution(trained_hybrid):
+def test_one_fused_pass_gives_the_verification_and_each_outcomes_draft_block():
+    """verify_and_predraft against the cache (ragged tails, rows in any order) gives, per row, the AR pass's
+    outputs on [tail ; drafts] and, for each outcome a, the draft block that `draft` runs on the context extended
+    by d_1..d_a (slots 1..k of a block of k+1); the cache keeps its old columns untouched."""
+    from diffuse.sampling.base import left_padded
+
+    model, objective = sharp_transformer(seed=0), hybrid_objective(4)
+    drafter, warp = HybridDrafter(model, objective), Warp(temperature=1.0)
+    g = torch.Generator().manual_seed(3)
+    contexts = [torch.randint(0, 36, (n,), generator=g).tolist() for n in (2, 5, 9)]
+    tails = [c[-(1 + j % 2):] for j, c in enumerate(contexts)]
+    k, n = 3, 2
+    drafts = torch.randint(0, 36, (3, n), generator=g)
+    heads = [c[: len(c) - len(t)] for c, t in zip(contexts, tails)]
+    head, seg = left_padded(heads, SPECIAL, "cpu")
+    cache = model.new_cache(64)
+    with torch.no_grad():
+        model(ids=head, segment_ids=seg, causal=True, cache=cache)
+        rows = [2, 0, 1]
+        h_clean, h_blocks, width = drafter.verify_and_predraft(cache, [tails[r] for r in rows], drafts[rows], rows,
+                                                               3, k)
+        assert width == max(len(t) for t in tails) + n + (n + 1) * (k + 1)
+        for j, r in enumerate(rows):
+            full = [SPECIAL.bos] + contexts[r] + drafts[r].tolist()
+            ar = model.logits(model(ids=torch.tensor([full]), causal=True))[0, len(contexts[r]):]
+            torch.testing.assert_close(model.logits(h_clean[j]), ar, rtol=0, atol=1e-4)
+            for a in range(n + 1):
+                _, q = drafter.draft([contexts[r] + drafts[r, :a].tolist()], k + 1, [torch.Generator()], warp)
+                _, q_fused = drafter.propose(h_blocks[j, a][None], [torch.Generator()], warp)
+                torch.testing.assert_close(q_fused[0], q[0, 1:], rtol=0, atol=1e-5)
+
+
+def test_pre_drafting_halves_the_passes_of_drafting_and_verifying_apart(trained_hybrid):
+    """On the chain the trained drafter is mostly right: the fused loop runs one pass per step where the two-pass
+    loop runs two; its drafts do not know the step's correction token, so it accepts somewhat less (measured on
+    this model: 17 passes apart, 12 fused, for 24 tokens)."""
+    model, objective = trained_hybrid
+    nfe, stats = {}, {}
+    for predraft in (False, True):
+        sampler = SpeculativeSampler(draft_length=3, temperature=0.0, predraft=predraft)
+        nfe[predraft] = sampler.generate(model, objective, [[0, 1, 2]], 24).nfe
+        stats[predraft] = sampler.stats
+    assert nfe[True] < 0.75 * nfe[False], (nfe, stats)
+
+
+@pytest.mark.parametrize("predraft", [False, True])
+def test_hybrid_self_drafting_at_temperature_one_has_the_exact_ar_distribution(trained_hybrid, predraft):
     model, objective = trained_hybrid
     prompt = [1, 2, 3]
     exact = exact_continuations(model, prompt, 3, top_k=4)
-    sampler = SpeculativeSampler(draft_length=3, top_k=4)
-    tv, bound, chi = tv_and_bound(exact, speculative_samples(sampler, model, prompt, objective=objective))
-    print(f"\nhybrid self-drafter: {len(exact)} continuations; TV {tv:.4f} (bound {bound:.4f}), chi-square p "
+    sampler = SpeculativeSampler(draft_length=3 if not predraft else 2, top_k=4, predraft=predraft)
+    samples = speculative_samples(sampler, model, prompt, n=N_EXACT // (2 if predraft else 1), objective=objective)
+    tv, bound, chi = tv_and_bound(exact, samples)
+    print(f"\nhybrid self-drafter (predraft={predraft}): {len(exact)} continuations; TV {tv:.4f} (bound {bound:.4f}), chi-square p "
           f"{chi:.3g}; acceptance {sampler.stats['acceptance_rate']:.2f}, "
           f"tokens/verification {sampler.stats['tokens_per_verification']:.2f}")
     assert tv < bound and chi > 1e-4
@@ -497,14 +554,23 @@ def test_hybrid_self_drafting_at_temperature_one_has_the_exact_ar_distribution(t
 
 def test_hybrid_draft_length_defaults_to_its_block_and_a_longer_one_is_one_line():
     model = sharp_transformer(seed=0)
-    for b, k in ((2, 2), (8, 4)):
-        sampler = SpeculativeSampler(temperature=0.0)
+    for b, k, fused_k in ((2, 2, 1), (8, 4, 4), (1, 1, None)):  # a block of 1 cannot pre-draft: two passes
+        sampler = SpeculativeSampler(temperature=0.0, predraft=False)
         sampler.generate(model, hybrid_objective(b), [[1, 2]], 5)
         assert sampler.stats["draft_length"] == k
+        sampler = SpeculativeSampler(temperature=0.0)  # predraft=null: whenever it can
+        sampler.generate(model, hybrid_objective(b), [[1, 2]], 5)
+        assert sampler.stats["draft_length"] == (fused_k or k) and sampler.stats["predraft"] is (fused_k is not None)
     with pytest.raises(DiffuseError) as err:
-        SpeculativeSampler(draft_length=5).generate(model, hybrid_objective(4), [[1]], 4)
+        SpeculativeSampler(draft_length=5, predraft=False).generate(model, hybrid_objective(4), [[1]], 4)
     assert str(err.value) == ("sampler.draft_length=5 is more than objective=hybrid's draft block drafts at once "
                               "(4 tokens); use sampler.draft_length ≤ 4, or null for 4")
+    with pytest.raises(DiffuseError) as err:
+        SpeculativeSampler(draft_length=4).generate(model, hybrid_objective(4), [[1]], 4)
+    assert str(err.value) == ("sampler.draft_length=4 is more than objective=hybrid's draft block pre-drafts (its "
+                              "block less one) (3 tokens); use sampler.draft_length ≤ 3, or null for 3")
+    with pytest.raises(DiffuseError, match="sampler.predraft=true needs objective=hybrid"):
+        SpeculativeSampler(predraft=True).generate(model, hybrid_objective(1), [[1]], 4)
     # an explicit drafter still wins over the hybrid's own
     other = ARDrafter(sharp_transformer(seed=1), AR_OBJ)
     sampler = SpeculativeSampler(other, draft_length=6, temperature=0.0)

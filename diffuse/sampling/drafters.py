@@ -5,7 +5,8 @@ context, with the distributions q it drew them from (the verification rule needs
   `MaskedDrafter`  an absorbing-state checkpoint (masked_discrete, llada; full-sequence or block diffusion) masks the
                    k positions after the context and drafts them in one pass, each from its own marginal q_i;
   `HybridDrafter`  objective=hybrid's own draft block on the target's network (`contracts.DraftsForItself`), against
-                   the target's KV cache when it can (`draft_with_cache`: 1 + k positions).
+                   the target's KV cache when it can (`draft_with_cache`: 1 + k positions), or verifying the last
+                   drafts and pre-drafting the next in one pass (`verify_and_predraft`, TiDAR).
 """
 
 from __future__ import annotations
@@ -182,7 +183,7 @@ class HybridDrafter(_ModelDrafter):
         layout = BlockLayout(*context_then_block(columns, W), columns)
         hidden = self.backbone(ids=z, segment_ids=seg, layout=layout)
         self.positions += W + k
-        return self._propose(hidden[:, W:], gens, warp)
+        return self.propose(hidden[:, W:], gens, warp)
 
     def shares_cache(self, backbone, cache) -> bool:
         """Whether `draft_with_cache` may draft against `backbone`'s KV cache `cache`."""
@@ -217,9 +218,52 @@ class HybridDrafter(_ModelDrafter):
         cache.truncate(start)
         self.positions += width
         at = torch.tensor(ends, device=device)[:, None] + torch.arange(k, device=device)
-        return self._propose(hidden[torch.tensor(rows, device=device)[:, None], at], gens, warp)  # [n, k, D]
+        return self.propose(hidden[torch.tensor(rows, device=device)[:, None], at], gens, warp)  # [n, k, D]
 
-    def _propose(self, hidden: torch.Tensor, gens, warp):
+    @torch.no_grad()
+    def verify_and_predraft(self, cache, tails, drafts, rows, batch, k):
+        """TiDAR's single pass (arXiv 2511.08923): verify the previous drafts and pre-draft the next ones for every
+        acceptance outcome at once. Against the target's KV cache (which holds each row's committed tokens but its
+        `tails`, as for `draft_with_cache`), each drafting row rows[j] feeds
+
+            [tail (e tokens) ; d_1..d_n (its drafts)]  clean, token-causal: AR's verification pass
+            [MASK × (k+1)] × (n+1)                     block a (a = 0..n) sees the tail and d_1..d_a, keyed
+                                                       e + a, at RoPE positions e + a … e + a + k
+
+        so block a is the draft block the hybrid would run after accepting a drafts. Its first slot sits where the
+        rule's correction (or bonus) token goes, which the pass cannot know: it is dropped, and slots 1..k are the
+        next k drafts (hence k + 1 ≤ the objective's block). The clean columns are padded to a common width E, the
+        blocks follow. Returns (hidden of the clean columns e−1 … e−1+n [m, n+1, D]: they give p_1..p_{n+1};
+        hidden of every block's slots 1..k [m, n+1, k, D]; the pass's width). Its K/V stay in the cache: the
+        caller keeps the verified columns, as after a verification pass."""
+        special, device = self.special, self.device
+        n, size = drafts.shape[1], k + 1
+        E = max(len(t) for t in tails) + n
+        width = E + (n + 1) * size
+        ids = torch.full((batch, width), special.pad, dtype=torch.long, device=device)
+        seg = torch.zeros_like(ids)
+        key, positions = torch.zeros_like(ids), torch.zeros_like(ids)
+        clean = torch.zeros_like(ids, dtype=torch.bool)
+        outcome = torch.arange(n + 1, device=device).repeat_interleave(size)  # block a of each block column
+        slot = torch.arange(size, device=device).repeat(n + 1)
+        columns = torch.arange(E, device=device)
+        for j, r in enumerate(rows):
+            e = len(tails[j])
+            ids[r, :e] = torch.tensor(tails[j], dtype=torch.long, device=device)
+            ids[r, e : e + n] = drafts[j]
+            ids[r, E:] = special.mask
+            seg[r, : e + n], seg[r, E:] = 1, 1
+            key[r, :E], positions[r, :E], clean[r, :E] = columns, columns, True
+            key[r, E:], positions[r, E:] = e + outcome, e + outcome + slot
+        hidden = self.backbone(ids=ids, segment_ids=seg, cache=cache, layout=BlockLayout(key, clean, positions))
+        self.positions += (n + 1) * size
+        picked = torch.tensor(rows, device=device)
+        ends = torch.tensor([len(t) for t in tails], device=device)
+        h_clean = hidden[picked[:, None], ends[:, None] - 1 + torch.arange(n + 1, device=device)]
+        h_blocks = hidden[picked, E:].view(len(rows), n + 1, size, -1)[:, :, 1:]
+        return h_clean, h_blocks, width
+
+    def propose(self, hidden: torch.Tensor, gens, warp):
         """(drafts [n, k], q [n, k, V]) from the draft block's hidden states: q = warp(logits), [MASK] excluded."""
         logits = self.backbone.logits(hidden).float()
         logits[..., self.special.mask] = float("-inf")

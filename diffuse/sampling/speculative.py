@@ -23,7 +23,14 @@ nothing of diffuse.run), or, with no drafter, objective=hybrid's own draft block
 `sampler.draft_length=null` takes the drafter's own k (`Drafter.draft_length`: 4, the hybrid min(block_size, 4)); a
 k past what the drafter drafts in one pass (`max_draft_length`: the hybrid's block) is refused in one line.
 
-Cost: NFE = the target's verification passes + the drafter's passes; `positions` counts both networks' widths.
+TiDAR's single pass (`sampler.predraft`, null: whenever possible): with objective=hybrid drafting for itself on the
+cached target, one pass per step verifies the drafts the last pass pre-drafted and pre-drafts the next k for every
+acceptance outcome (drafters.HybridDrafter.verify_and_predraft: (k+1) blocks of k+1 masks beside the k+1 clean
+positions); the rule's outcome picks the block. The drafts are then drawn knowing the accepted drafts but not the
+correction/bonus token (the block's first slot, dropped): still exact, as any q fixed before the test is.
+
+Cost: NFE = the target's verification passes + the drafter's passes (fused: the passes); `positions` counts both
+networks' widths.
 """
 
 from __future__ import annotations
@@ -110,14 +117,16 @@ class SpeculativeSampler:
     rule = staticmethod(speculative_rule)  # (p, q, drafts, u) → (accepted, next token); tests swap in wrong ones
 
     def __init__(self, drafter: Any = None, draft_length: int | None = None, temperature: float = 1.0,
-                 top_k: int | None = None, top_p: float | None = None):
+                 top_k: int | None = None, top_p: float | None = None, predraft: bool | None = None):
         if isinstance(drafter, (str, os.PathLike)):
             raise DiffuseError(f"sampler.drafter={drafter} is a checkpoint path, which only diffuse.sample, evaluate "
                                "and compare load; here (a training config?) use sampler=ar")
         if drafter is not None and not isinstance(drafter, Drafter):
             raise DiffuseError(f"sampler.drafter must be a checkpoint path or a Drafter, not {type(drafter).__name__}")
         check_range("sampler.draft_length", draft_length, 1, integer=True, null="the drafter's own")
-        self.drafter, self.k = drafter, None if draft_length is None else int(draft_length)
+        if predraft not in (None, True, False):
+            raise DiffuseError(f"sampler.predraft={predraft!r} must be true, false or null")
+        self.drafter, self.k, self.predraft = drafter, None if draft_length is None else int(draft_length), predraft
         self.warp = Warp(temperature, top_k, top_p)
         self.stats: dict[str, float] = {}
 
@@ -131,12 +140,27 @@ class SpeculativeSampler:
         check_same_tokenizer(drafter, backbone, objective.special)
         return drafter.to(next(backbone.parameters()).device)
 
-    def draft_length(self, drafter: Drafter) -> int:
-        """k: sampler.draft_length, or the drafter's own when null; at most what it drafts in one call."""
-        k, most = (drafter.draft_length if self.k is None else self.k), drafter.max_draft_length
+    def fused(self, drafter: Drafter, backbone, cache) -> bool:
+        """Whether each step is TiDAR's single pass (HybridDrafter.verify_and_predraft): sampler.predraft, where
+        null means whenever the drafter is the hybrid's own draft block on the target's cache and its block holds
+        a draft and the dropped first slot (objective.block_size ≥ 2)."""
+        possible = (isinstance(drafter, HybridDrafter) and drafter.shares_cache(backbone, cache)
+                    and drafter.max_draft_length >= 2)
+        if self.predraft and not possible:
+            raise DiffuseError("sampler.predraft=true needs objective=hybrid drafting for itself (no sampler.drafter) "
+                               "with objective.block_size ≥ 2 on a transformer with a KV cache; use sampler.predraft=null")
+        return possible if self.predraft is None else self.predraft
+
+    def draft_length(self, drafter: Drafter, fused: bool = False) -> int:
+        """k: sampler.draft_length, or the drafter's own when null; at most what it drafts in one call (one less
+        when pre-drafting: a pre-draft block's first slot is dropped)."""
+        most = drafter.max_draft_length if not fused else drafter.max_draft_length - 1
+        own = drafter.draft_length if most is None else min(drafter.draft_length, most)
+        k = own if self.k is None else self.k
         if most is not None and k > most:
-            raise DiffuseError(f"sampler.draft_length={k} is more than {drafter.name} drafts at once ({most} tokens); "
-                               f"use sampler.draft_length ≤ {most}, or null for {drafter.draft_length}")
+            what = f"{drafter.name} drafts at once" if not fused else f"{drafter.name} pre-drafts (its block less one)"
+            raise DiffuseError(f"sampler.draft_length={k} is more than {what} ({most} tokens); "
+                               f"use sampler.draft_length ≤ {most}, or null for {own}")
         return k
 
     @torch.no_grad()
@@ -146,7 +170,6 @@ class SpeculativeSampler:
         special, B = objective.special, len(prompts)
         device = next(backbone.parameters()).device
         drafter = self._drafter(backbone, objective)
-        k = self.draft_length(drafter)
         drafter_positions = drafter.positions
         gens = row_generators(seed, B, device)
         head, head_seg = left_padded(prompts, special, device)
@@ -156,9 +179,13 @@ class SpeculativeSampler:
         done = torch.zeros(B, dtype=torch.bool, device=device)
         row_verify = torch.zeros(B, dtype=torch.long, device=device)  # verification passes each row ran
         prefill = torch.zeros(B, dtype=torch.long, device=device)
-        cache = new_cache(backbone, W + length + k + 1)
+        most = self.k or drafter.max_draft_length or drafter.draft_length  # ≥ k: room for the widest pass
+        cache = new_cache(backbone, W + length + most + 1 + (most + 1) ** 2)
         if cache is not None and not isinstance(cache, Seekable):
             cache = None  # a recurrent state cannot forget rejected drafts: re-run the prefix instead
+        fused = self.fused(drafter, backbone, cache)
+        k = self.draft_length(drafter, fused)
+        carried = None  # fused: the drafts [B, k] and their q [B, k, V] the last pass pre-drafted for each row
         nfe = positions = 0
         pending = [1] * B  # committed tokens at the end of each row that the cache does not hold yet
         if cache is not None and W > 1:  # the prompt's prefill, its last token left for the first verification
@@ -170,18 +197,34 @@ class SpeculativeSampler:
         while not done.all():
             rows = (~done).nonzero().squeeze(1).tolist()
             row_gens = [gens[r] for r in rows]
-            if isinstance(drafter, HybridDrafter) and drafter.shares_cache(backbone, cache):
-                drafts, q = drafter.draft_with_cache(cache, [seqs[r][-pending[r]:] for r in rows], rows, B, k,
-                                                     row_gens, self.warp)
+            if fused:  # one pass: verify the carried drafts (none on the first), pre-draft the next
+                V = backbone.vocab_size
+                drafts, q = ((carried[0][rows], carried[1][rows]) if carried is not None else
+                             (head.new_zeros(len(rows), 0), torch.zeros(len(rows), 0, V, device=device)))
+                h_clean, h_blocks, width = drafter.verify_and_predraft(
+                    cache, [seqs[r][-pending[r]:] for r in rows], drafts, rows, B, k)
+                p = self._p(backbone, h_clean, special)
+                positions += width - (drafts.shape[1] + 1) * (k + 1)  # the blocks count as the drafter's
             else:
-                drafts, q = drafter.draft([seqs[r][1:] for r in rows], k, row_gens, self.warp)
-            nfe += drafter.passes(k)
-            p, width = self._verify(backbone, cache, seqs, pending, rows, drafts, special, B, device)
-            nfe, positions = nfe + 1, positions + width
+                if isinstance(drafter, HybridDrafter) and drafter.shares_cache(backbone, cache):
+                    drafts, q = drafter.draft_with_cache(cache, [seqs[r][-pending[r]:] for r in rows], rows, B, k,
+                                                         row_gens, self.warp)
+                else:
+                    drafts, q = drafter.draft([seqs[r][1:] for r in rows], k, row_gens, self.warp)
+                nfe += drafter.passes(k)
+                p, width = self._verify(backbone, cache, seqs, pending, rows, drafts, special, B, device)
+                positions += width
+            nfe += 1
             row_verify[rows] += 1
-            n, nxt = self.rule(p, q, drafts, rand_rows(row_gens, (k + 1,), device))
+            n, nxt = self.rule(p, q, drafts, rand_rows(row_gens, (drafts.shape[1] + 1,), device))
+            if fused:  # the block of each row's outcome holds its next drafts
+                picked = torch.arange(len(rows), device=device)
+                next_drafts, next_q = drafter.propose(h_blocks[picked, n], row_gens, self.warp)
+                if carried is None:
+                    carried = (head.new_zeros(B, k), torch.zeros(B, k, next_q.shape[-1], device=device))
+                carried[0][rows], carried[1][rows] = next_drafts, next_q
             accepted_total += int(n.sum())
-            drafted_total += k * len(rows)
+            drafted_total += drafts.shape[1] * len(rows)
             verified = self._commit(rows, drafts, n, nxt, out, seqs, pending, done, length, special)
             rec.step(lambda: _padded(out, length, special.pad), nfe=nfe, blank=special.pad)
             if cache is not None and not done.all():  # keep the columns every decoding row verified
@@ -198,10 +241,10 @@ class SpeculativeSampler:
         positions += draft_positions
         # what the last call measured: drafts accepted, tokens emitted per verification pass (per row), and the
         # positions the drafter ran (of `positions`)
-        self.stats = {"draft_length": k, "acceptance_rate": accepted_total / max(drafted_total, 1),
+        self.stats = {"draft_length": k, "predraft": fused, "acceptance_rate": accepted_total / max(drafted_total, 1),
                       "tokens_per_verification": sum(map(len, out)) / max(int(row_verify.sum()), 1),
                       "draft_positions": draft_positions}
-        row_nfe = prefill + row_verify * (1 + drafter.passes(k))
+        row_nfe = prefill + row_verify * (1 if fused else 1 + drafter.passes(k))
         return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], row_nfe, positions)
 
     def _verify(self, backbone, cache, seqs, pending, rows, drafts, special, B, device):
@@ -214,9 +257,13 @@ class SpeculativeSampler:
             ids, seg, at = self._full_input(seqs, rows, drafts, special, B, device)
             hidden = backbone(ids=ids, segment_ids=seg, causal=True)
         h = hidden[rows][torch.arange(len(rows), device=device)[:, None], at]  # [n, k+1, D]
-        logits = backbone.logits(h).float()
+        return self._p(backbone, h, special), ids.shape[1]
+
+    def _p(self, backbone, hidden, special) -> torch.Tensor:
+        """The target's warped next-token probabilities from hidden states of its clean (causal) stream."""
+        logits = backbone.logits(hidden).float()
         logits[..., special.mask] = float("-inf")
-        return self.warp(logits), ids.shape[1]
+        return self.warp(logits)
 
     @staticmethod
     def _commit(rows, drafts, n, nxt, out, seqs, pending, done, length, special) -> dict[int, int]:
