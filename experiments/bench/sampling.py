@@ -60,17 +60,25 @@ CONFIGS = [
 ]
 
 DRAFTS = (2, 4, 8)
+PREDRAFTS = (1, 3, 7)  # TiDAR's single pass: a pre-draft block of k + 1 ≤ 8 (the hybrid's block) drops its first slot
 # the hybrid suite: "{self_or_block8}" is the hybrid's own draft head where it has one, else the block8 drafter
 HYBRID_CONFIGS = (
     [("AR + static KV cache", "ar", {"name": "ar"}),
      ("hybrid (λ=1) as AR + KV cache", "hybrid_w1", {"name": "ar"})]
     + [(f"hybrid (λ=1) + speculative k={k}", "hybrid_w1",
-        {"name": "speculative", "draft_length": k, "drafter": "{self_or_block8}"}) for k in DRAFTS]
+        {"name": "speculative", "draft_length": k, "drafter": "{self_or_block8}", "predraft": False}) for k in DRAFTS]
+    + [(f"hybrid (λ=1) + TiDAR one pass k={k}", "hybrid_w1",
+        {"name": "speculative", "draft_length": k, "drafter": "{self_or_block8}", "predraft": True}) for k in PREDRAFTS]
     + [(f"AR + block-8 diffusion drafter k={k}", "ar",
         {"name": "speculative", "draft_length": k, "drafter": "{block8}"}) for k in DRAFTS]
-    + [("hybrid (λ=0.1) + speculative k=4", "hybrid_w01", {"name": "speculative", "draft_length": 4, "drafter": "{self_or_block8}"}),
+    + [("hybrid (λ=0.1) + speculative k=4", "hybrid_w01",
+        {"name": "speculative", "draft_length": 4, "drafter": "{self_or_block8}", "predraft": False}),
+       ("hybrid (λ=0.1) + TiDAR one pass k=3", "hybrid_w01",
+        {"name": "speculative", "draft_length": 3, "drafter": "{self_or_block8}", "predraft": True}),
        ("hybrid from AR (λ=1) + speculative k=4", "hybrid_from_ar_w1",
-        {"name": "speculative", "draft_length": 4, "drafter": "{self_or_block8}"})]
+        {"name": "speculative", "draft_length": 4, "drafter": "{self_or_block8}", "predraft": False}),
+       ("hybrid from AR (λ=1) + TiDAR one pass k=3", "hybrid_from_ar_w1",
+        {"name": "speculative", "draft_length": 3, "drafter": "{self_or_block8}", "predraft": True})]
 )
 SUITES = {"default": CONFIGS, "hybrid": HYBRID_CONFIGS}
 
@@ -227,7 +235,8 @@ def plot_draft(rows, args, path):
             pts.sort()
             ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=fam)
         ax.set_xscale("log", base=2)
-        ax.set_xticks(list(DRAFTS), [str(k) for k in DRAFTS])
+        ticks = sorted(set(DRAFTS + PREDRAFTS))
+        ax.set_xticks(ticks, [str(k) for k in ticks])
         ax.set_xlabel("draft length k")
         ax.set_ylabel("tokens/s")
         ax.set_title(f"{title}, 1 CPU thread")
