@@ -1,4 +1,4 @@
-"""`python -m diffuse.export ckpt=PATH out=DIR [format=diffuse|llama]` — a checkpoint as a Hugging Face folder.
+"""`python -m diffuse.export ckpt=PATH out=DIR [format=diffuse|llama|remote]` — a checkpoint as a Hugging Face folder.
 
 format=diffuse (default): `model.safetensors` (the backbone's weights under their plain state-dict keys),
 `diffuse_config.json` (the run config) and the tokenizer (`tokenizer.json` & co.); `load_exported(DIR)`
@@ -6,6 +6,11 @@ rebuilds the model from that folder alone, with identical logits.
 format=llama: an `objective=autoregressive` transformer as a stock `LlamaForCausalLM` folder (config.json,
 model.safetensors under Llama's keys, a tokenizer that starts every text with BOS as training did), which
 transformers, lm-eval's `hf` model, vLLM and llama.cpp's converter load as it is, without diffuse.
+format=remote: any transformer run (masked, block, hybrid, …) in the LLaDA / Dream convention: config.json with
+`auto_map` and `mask_token_id`, the project's self-contained modeling file (models/portable/modeling_diffuse.py),
+weights and tokenizer; `AutoModel.from_pretrained(DIR, trust_remote_code=True)` loads it without diffuse.
+format=diffusion_gemma: a model=diffusion_gemma run as transformers' DiffusionGemmaForBlockDiffusion folder, with
+the run's sampler=entropy_bound settings as generation_config.json (models/portable/diffusion_gemma.py).
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from transformers import AutoTokenizer
 from diffuse.core.paths import CONFIG_DIR
 from diffuse.data.tokenizers import with_bos
 from diffuse.errors import DiffuseError, one_line_errors
+from diffuse.models.portable.diffusion_gemma import gemma_folder
 from diffuse.models.portable.llama import llama_config, llama_state_dict
+from diffuse.models.portable.remote import copy_modeling_file, remote_config, remote_state_dict
 from diffuse.run.build import build_module
 from diffuse.run.load import load_run
 
@@ -54,7 +61,35 @@ def llama_folder(cfg, tokenizer, module) -> Callable[[Path], None]:
     return write
 
 
-FORMATS = {"diffuse": diffuse_folder, "llama": llama_folder}
+def remote_folder(cfg, tokenizer, module) -> Callable[[Path], None]:
+    special = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
+               "mask": tokenizer.mask_token_id}
+    config = remote_config(module.backbone, float(cfg.model.get("rope_base", 10_000.0)), module.objective.causal,
+                           special, getattr(module.objective, "block_size", None))
+    weights = remote_state_dict(module.backbone)
+
+    def write(out_dir: Path) -> None:
+        (out_dir / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(weights, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+        copy_modeling_file(out_dir)
+        with_bos(tokenizer).save_pretrained(str(out_dir))
+    return write
+
+
+def diffusion_gemma_folder(cfg, tokenizer, module) -> Callable[[Path], None]:
+    """model=diffusion_gemma as transformers' own DiffusionGemma folder (models/portable/diffusion_gemma.py)."""
+    special = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
+    write_model = gemma_folder(module.backbone, special, getattr(module.sampler, "loop", None),
+                               int(cfg.get("sample_length", 256)), cfg.model.get("name"))
+
+    def write(out_dir: Path) -> None:
+        write_model(out_dir)
+        with_bos(tokenizer).save_pretrained(str(out_dir))  # diffuse's sampler puts BOS before every prompt
+    return write
+
+
+FORMATS = {"diffuse": diffuse_folder, "llama": llama_folder, "remote": remote_folder,
+           "diffusion_gemma": diffusion_gemma_folder}
 
 
 def export(ckpt: str, out: str, overwrite: bool = False, format: str = "diffuse") -> Path:
