@@ -218,3 +218,20 @@ def test_self_conditioned_training_runs_both_paths():
     calls.clear()
     obj.loss(model, batch, torch.Generator().manual_seed(0), train=False)
     assert calls == [False, True]  # validation: always both passes (a deterministic function of z_t)
+
+
+def test_absorbing_decode_loop_passes_the_previous_step():
+    from diffuse.objectives.masked_discrete import MaskedDiscrete
+    from diffuse.sampling.masked import AncestralSampler
+
+    model = tiny_transformer(self_condition=True)
+    torch.nn.init.normal_(model.self_cond.mlp.down.weight, std=0.2)
+    seen = []
+    model.register_forward_hook(lambda m, args, kw, out: seen.append(kw.get("prev_probs")), with_kwargs=True)
+    obj, sampler = MaskedDiscrete(build_schedule("linear"), SPECIAL), AncestralSampler(steps=4)
+    prompts = [[1, 2], [3]]
+    out = sampler.generate(model, obj, prompts, 6, seed=0)
+    assert seen[0] is None and all(p is not None for p in seen[1:]) and len(seen) == out.nfe
+    torch.testing.assert_close(seen[1].sum(-1), torch.ones(seen[1].shape[:2]))  # SUBS probabilities of the canvas
+    for i, p in enumerate(prompts):
+        assert torch.equal(sampler.generate(model, obj, [p], 6, seed=i).tokens[0], out.tokens[i])

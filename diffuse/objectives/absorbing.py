@@ -169,12 +169,14 @@ class AbsorbingObjective(nn.Module):
 
     def conditioned_hidden(self, backbone, z, t, batch, generator=None, train: bool = True) -> torch.Tensor:
         """`hidden`, after self-conditioning's first pass where the backbone has it."""
-        prev = self_condition_probs(backbone, lambda: self.hidden(backbone, z, t, batch), generator, train)
+        prev = self_condition_probs(backbone, lambda: self.hidden(backbone, z, t, batch), generator, train,
+                                    lambda logits: self.log_probs(logits, z).exp())
         return self.hidden(backbone, z, t, batch) if prev is None else self.hidden(backbone, z, t, batch, prev)
 
     def predict(self, backbone, z, t, batch) -> torch.Tensor:
-        """SUBS log-probabilities over x0 [B, L, V]: [MASK] impossible; unmasked positions one-hot on z."""
-        return self.log_probs(backbone.logits(self.conditioned_hidden(backbone, z, t, batch, train=False)), z)
+        """SUBS log-probabilities over x0 [B, L, V]: [MASK] impossible; unmasked positions one-hot on z. One pass: a
+        self-conditioned backbone reads `batch["prev_probs"]` (a sampler's previous step), else nothing."""
+        return self.log_probs(backbone.logits(self.hidden(backbone, z, t, batch, batch.get("prev_probs"))), z)
 
     def log_probs(self, logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """SUBS: the network's logits at the positions of z → log p(x0 | z) (samplers use it directly)."""

@@ -107,11 +107,12 @@ def noisy_and_clean_hidden(backbone, z: torch.Tensor, t: torch.Tensor, batch, bl
 SELF_CONDITION_RATE = 0.5  # training: the share of steps that run the first (no-grad) pass
 
 
-def self_condition_probs(backbone, first_pass, generator=None, train: bool = True) -> torch.Tensor | None:
+def self_condition_probs(backbone, first_pass, generator=None, train: bool = True, to_probs=None) -> torch.Tensor | None:
     """Self-conditioning (Chen et al. 2022, arXiv 2208.04202; DESIGN §7): softmax of the logits of a first pass
     without gradient, which the second pass reads (`backbone(..., prev_probs=…)`); None (the network adds nothing)
     for a backbone without it, and in training on the other half of the steps. `first_pass()` returns hidden
-    states [B, L, D]. One coin per batch (one host sync a step, only for self-conditioned backbones); validation
+    states [B, L, D]; `to_probs(logits)` their distribution (default softmax; the absorbing family's is SUBS, as its
+    samplers pass it). One coin per batch (one host sync a step, only for self-conditioned backbones); validation
     always runs both passes, so val/nelbo is the bound of the two-pass network, which is a function of z_t alone."""
     if not is_self_conditioned(backbone):
         return None
@@ -120,4 +121,5 @@ def self_condition_probs(backbone, first_pass, generator=None, train: bool = Tru
         if float(coin) >= SELF_CONDITION_RATE:
             return None
     with torch.no_grad():
-        return backbone.logits(first_pass()).float().softmax(-1)
+        logits = backbone.logits(first_pass())
+        return to_probs(logits) if to_probs is not None else logits.float().softmax(-1)

@@ -178,9 +178,10 @@ class Uniform(nn.Module):
         return self.hidden(backbone, z, t, batch) if prev is None else self.hidden(backbone, z, t, batch, prev)
 
     def predict(self, backbone, z, t, batch) -> torch.Tensor:
-        """log x_θ(z_t, t) [B, L, V] (both passes for a self-conditioned backbone)."""
+        """log x_θ(z_t, t) [B, L, V]. One pass: a self-conditioned backbone reads `batch["prev_probs"]` (a sampler's
+        previous step), else nothing."""
         self.bind(backbone)
-        return backbone.logits(self.conditioned_hidden(backbone, z, t, batch, train=False)).float().log_softmax(-1)
+        return backbone.logits(self.hidden(backbone, z, t, batch, batch.get("prev_probs"))).float().log_softmax(-1)
 
     def distance(self, pred, target, where) -> torch.Tensor:
         """KL(target ‖ pred) per position on the vocabulary distribution (zero where not `where`)."""

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.contracts import Seekable, component_name, new_cache
+from diffuse.contracts import Seekable, component_name, is_self_conditioned, new_cache
 from diffuse.errors import DiffuseError
 from diffuse.sampling.base import left_padded, masked_canvas
 
@@ -65,6 +65,8 @@ class Canvas:
         cols = torch.arange(self.width, device=device)
         self.in_prompt = (cols < starts[:, None]) & (self.ids != special.bos) & (self.seg > 0)
         self.positions = 0  # positions fed to the network so far, per row (SampleOutput.positions)
+        # self-conditioning: each stream's previous probabilities over the canvas (None: nothing, the first pass)
+        self.prev: list[torch.Tensor | None] | None = [None, None] if is_self_conditioned(backbone) else None
 
     def layout(self, prompts, length, special, device):
         return masked_canvas(prompts, length, special, device)
@@ -83,7 +85,13 @@ class Canvas:
     def run(self, stream: int, z, t, block, first):
         """One forward pass of canvas z (stream 0: conditional, 1: unconditional) → span log-probs."""
         self.positions += self.width
-        return take_span(self.objective.predict(self.backbone, z, t, {"segment_ids": self.seg}), self.span)
+        batch = {"segment_ids": self.seg}
+        if self.prev is not None:
+            batch["prev_probs"] = self.prev[stream]
+        logp = self.objective.predict(self.backbone, z, t, batch)
+        if self.prev is not None:  # the next pass reads this one's prediction (the cached canvases pass nothing)
+            self.prev[stream] = logp.exp()
+        return take_span(logp, self.span)
 
 
 class CachedBackbone:
