@@ -12,6 +12,9 @@ from the objective (`UniformState.posterior`: the α(t) of the process the model
 Any position may change on any step (no commitment). A self-conditioned backbone reads the softmax of the previous
 step's logits (nothing on the first step).
 
+With objective.block_size the span is decoded block by block (`generate_blocks`), each block as above on its own
+grid, over sampler=block's exact KV cache of the committed prefix.
+
 Batch = singles: every draw (the starting canvas, each step's posterior) comes from the row's own generator
 (base.row_generators) in the frame of the generated span; padding is invisible (segment 0) to the other rows.
 """
@@ -20,14 +23,16 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.contracts import UNIFORM, UniformState, is_self_conditioned
+from diffuse.contracts import BLOCK_UNIFORM, UNIFORM, Cached, UniformState, block_size_of, is_self_conditioned
 from diffuse.core.checks import check_range
 from diffuse.registry import SAMPLERS
 from diffuse.sampling.base import (
+    RowCost,
     SampleOutput,
     check_temperature,
     check_truncation,
     draw,
+    left_padded,
     masked_canvas,
     rand_rows,
     row_generators,
@@ -35,6 +40,7 @@ from diffuse.sampling.base import (
     trim_at_eos,
     truncate,
 )
+from diffuse.sampling.block import _Cached, _Uncached
 from diffuse.sampling.trace import recorder
 
 
@@ -45,7 +51,7 @@ def random_tokens(gens, length: int, vocab: int, device) -> torch.Tensor:
 
 @SAMPLERS.register("uniform_ancestral")
 class UniformAncestralSampler:
-    processes = (UNIFORM,)
+    processes = (UNIFORM, BLOCK_UNIFORM)
     requires = (UniformState,)  # the objective's exact posterior
     any_length = False
 
@@ -64,6 +70,8 @@ class UniformAncestralSampler:
 
     @torch.no_grad()
     def generate(self, backbone, objective, prompts, length, seed=0) -> SampleOutput:
+        if block_size_of(objective):
+            return self.generate_blocks(backbone, objective, prompts, length, seed, block_size_of(objective))
         special = objective.special
         device = next(backbone.parameters()).device
         vocab = backbone.vocab_size
@@ -90,3 +98,42 @@ class UniformAncestralSampler:
         tokens, lengths = trim_at_eos(take_generated(ids, starts, length), special)
         return SampleOutput(tokens, lengths, self.steps, [list(p) for p in prompts],
                             positions=self.steps * ids.shape[1])
+
+    def generate_blocks(self, backbone, objective, prompts, length, seed, size) -> SampleOutput:
+        """Block diffusion (objective.block_size): blocks of `size` left to right, each from random tokens through
+        `steps` posterior steps on its own grid 1 → 0, reading the committed prefix through sampler=block's exact
+        KV cache (or the uncached block-causal canvas for a backbone without one: the same tokens). A row stops
+        after the block holding its first EOS. No self-conditioning here (the block passes read nothing)."""
+        special, device, B = objective.special, next(backbone.parameters()).device, len(prompts)
+        head, head_seg = left_padded(prompts, special, device)
+        gens = row_generators(seed, B, device)
+        x = torch.full((B, length), special.pad, dtype=torch.long, device=device)
+        cached = isinstance(backbone, Cached)
+        run = _Cached(backbone, head, head_seg, size, length) if cached else _Uncached(backbone, head, head_seg, size)
+        cost, done = RowCost(B, False, device), torch.zeros(B, dtype=torch.bool, device=device)
+        if cached:  # the prompt's prefill: alone, a row runs its own prompt's blocks
+            cost.per_row += -(-head_seg.sum(1) // size)
+        grid = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64, device=device)
+        rec = recorder(self)
+        for lo in range(0, length, size):
+            hi, active = min(length, lo + size), ~done
+            start = (rand_rows(gens, (hi - lo,), device, active=active) * backbone.vocab_size).long()
+            x[:, lo:hi] = torch.where(active[:, None], start.clamp_max(backbone.vocab_size - 1), x[:, lo:hi])
+            for i in range(self.steps):
+                logits = backbone.logits(run.block(x, lo, hi, float(grid[i])))
+                cost.forward(active)
+                z = x[:, lo:hi]
+                q = objective.posterior(self.x_theta(logits).double(), z, grid[i + 1].expand(z.shape),
+                                        grid[i].expand(z.shape))
+                new = torch.where(active[:, None], draw(q, rand_rows(gens, (hi - lo,), device, active=active)), z)
+                x[:, lo:hi] = new
+                rec.step(x, nfe=run.nfe, renoised=lambda: new != z, committed=None if i == self.steps - 1 else
+                         (lambda: torch.zeros_like(z, dtype=torch.bool)), logp=lambda: q.clamp_min(1e-30).log(),
+                         t=float(grid[i]), columns=slice(lo, hi))
+            done |= (x[:, lo:hi] == special.eos).any(1)
+            if done.all() or hi == length:
+                break
+            if run.commit(x, lo, hi):
+                cost.forward(~done)
+        tokens, lengths = trim_at_eos(x, special)
+        return SampleOutput(tokens, lengths, run.nfe, [list(p) for p in prompts], cost.per_row, run.positions)
