@@ -2,8 +2,9 @@
 
 Runs lm-eval's `simple_evaluate` with the checkpoint as the `diffuse` model (diffuse/evaluation/lm_eval_model.py)
 and writes into the run directory `results.json` (lm-eval's own results dict, the estimator choices under
-"diffuse") and `lm_eval.md` (lm-eval's table, then the same choices). `task_dir=DIR` adds a folder of task yamls
-(with `builtin_tasks=false`, nothing but that folder is indexed: offline).
+"diffuse") and `lm_eval.md` (lm-eval's table, then the same choices). `task_dir=DIR` adds a folder of task yamls;
+`local_tasks=FILE` writes three tasks built from a text file into the run directory (diffuse_cloze, diffuse_continue,
+diffuse_text: evaluation/local_tasks.py); with `builtin_tasks=false` nothing else is indexed (offline).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from omegaconf import DictConfig
 from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import DiffuseError, one_line_errors
 from diffuse.evaluation.lm_eval_model import DiffuseLM
+from diffuse.evaluation.local_tasks import write_local_tasks
 from diffuse.run.build import as_dict
 from diffuse.run.entry import sampler_knobs
 
@@ -34,13 +36,19 @@ def task_names(tasks) -> list[str]:
     return names
 
 
-def task_manager(cfg) -> TaskManager:
-    folder = cfg.get("task_dir")
-    if folder is not None and not Path(folder).is_dir():
-        raise DiffuseError(f"task_dir={folder} is not a folder")
-    if folder is None and not cfg.builtin_tasks:
-        raise DiffuseError("builtin_tasks=false needs task_dir=DIR (a folder of task yamls)")
-    return TaskManager(include_path=folder, include_defaults=bool(cfg.builtin_tasks))
+def task_manager(cfg, out_dir: Path) -> TaskManager:
+    folders = []
+    if cfg.get("task_dir") is not None:
+        if not Path(cfg.task_dir).is_dir():
+            raise DiffuseError(f"task_dir={cfg.task_dir} is not a folder")
+        folders.append(cfg.task_dir)
+    if cfg.get("local_tasks") is not None:
+        if not Path(cfg.local_tasks).is_file():
+            raise DiffuseError(f"local_tasks={cfg.local_tasks} is not a file")
+        folders.append(str(write_local_tasks(cfg.local_tasks, out_dir / "tasks")))
+    if not folders and not cfg.builtin_tasks:
+        raise DiffuseError("builtin_tasks=false needs task_dir=DIR (a folder of task yamls) or local_tasks=FILE")
+    return TaskManager(include_path=folders or None, include_defaults=bool(cfg.builtin_tasks))
 
 
 def markdown(results: dict, choices: dict) -> str:
@@ -55,7 +63,7 @@ def markdown(results: dict, choices: dict) -> str:
 def run(cfg: DictConfig) -> dict:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    names, manager = task_names(cfg.tasks), task_manager(cfg)
+    names, manager = task_names(cfg.tasks), task_manager(cfg, out_dir)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
         near = difflib.get_close_matches(unknown[0], manager.all_tasks, n=1)

@@ -114,9 +114,11 @@ def local_tasks(tmp_path):
 @pytest.mark.parametrize("objective", ["autoregressive", "masked_discrete"])
 def test_lm_eval_command_writes_lm_evals_results_and_the_estimator_choices(tmp_path, objective):
     run_dir = tmp_path / "run"
+    # the tasks from a folder written beforehand, or written by the command from a text file
+    tasks = f"task_dir={local_tasks(tmp_path)}" if objective == "autoregressive" else f"local_tasks={corpus()}"
     result = call_main("diffuse.lm_eval", f"ckpt={ckpt(objective)}", "tasks=[diffuse_cloze,diffuse_continue,diffuse_text]",
-                       f"task_dir={local_tasks(tmp_path)}", "builtin_tasks=false", "limit=4", "mc_samples=8",
-                       "steps=4", "device=cpu", f"hydra.run.dir={run_dir}")
+                       tasks, "builtin_tasks=false", "limit=4", "mc_samples=8", "steps=4", "device=cpu",
+                       f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result
     results = json.loads((run_dir / "results.json").read_text())
     assert set(results["results"]) == {"diffuse_cloze", "diffuse_continue", "diffuse_text"}
@@ -146,3 +148,27 @@ def test_bad_input_is_one_line(tmp_path):
         "error: tasks: diffuse_clozee is not a task lm-eval knows (did you mean diffuse_cloze?) among task_dir's (builtin_tasks=false)"]
     odd = call_main("diffuse.lm_eval", f"ckpt={ckpt('autoregressive')}", "tasks=diffuse_cloze", "mc_samples=3", *common)
     assert odd.returncode == 2 and "mc_samples=3 must be an even integer" in error_lines(odd.stderr)[0]
+
+
+def test_block_diffusion_estimate_is_the_sum_of_each_blocks_enumerated_elbo(peaked):
+    """objective.block_size=2: the continuation at positions 4, 5 | 6 spans two blocks; each block's bound is taken
+    given the clean blocks before it (the scorer draws each block's own mask count, weight k_b/m_b)."""
+    backbone, _ = peaked
+    objective = MaskedDiscrete(build_schedule("linear"), SPECIAL, block_size=2)
+    clean = torch.tensor([CONTEXT + CONTINUATION])
+    elbo, start = 0.0, len(CONTEXT)
+    for block in ([start, start + 1], [start + 2]):
+        k = len(block)
+        for m in range(1, k + 1):
+            subsets = list(itertools.combinations(block, m))
+            for subset in subsets:
+                z = clean.clone()
+                z[0, list(subset)] = SPECIAL.mask
+                with torch.no_grad():
+                    hidden = objective.hidden(backbone, z, torch.ones(1, 1),
+                                              {"input_ids": clean, "segment_ids": torch.ones_like(clean)})
+                    logp = objective.log_probs(backbone.logits(hidden).double(), z)[0]
+                elbo += sum(float(logp[j, clean[0, j]]) for j in subset) * (k / m) / len(subsets) / k
+    score = MonteCarloScorer(backbone, objective, batch_size=512, mc_samples=1024, seed=0).score([(CONTEXT, CONTINUATION)])[0]
+    assert abs(score.logprob - elbo) < 4 * score.stderr + 1e-6
+    assert score.stderr < 0.1

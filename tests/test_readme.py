@@ -91,6 +91,8 @@ EVAL = ("num_samples=1", "length=8", "limit_batches=1", "t_samples=1", "referenc
 DISTILL = ("max_steps=1", 'overrides=["debug=default","num_samples=0","trainer.limit_val_batches=1"]',  # one argv item
            "hydra.run.dir={out}")
 TRAINED = ("{out}/metrics.json", "{out}/checkpoints/last.ckpt")
+LM_EVAL = ("limit=2", "mc_samples=4", "steps=4", "hydra.run.dir={out}")
+LM_EVAL_FILES = ("{out}/results.json", "{out}/lm_eval.md")
 COMPOSED = "GPU-only: composed (--cfg job), not trained"
 COMMAND_MODULES = ("train", "sample", "evaluate", "compare", "export", "prepare", "distill", "report")
 
@@ -206,6 +208,15 @@ COMMANDS: dict[str, Tiny | Skip] = {
     "python -m diffuse.export ckpt=…/last.ckpt out=exported/":
         Tiny(replace=(("…/last.ckpt", "{ckpt}"), ("out=exported/", "out={out}/exported/")),
              expect=("{out}/exported/model.safetensors", "{out}/exported/diffuse_config.json")),
+    # -- standard benchmarks
+    "python -m diffuse.lm_eval ckpt=…/last.ckpt tasks=[arc_easy,piqa,wikitext] limit=200":
+        Tiny(replace=(("…/last.ckpt", "{ckpt}"),
+                      ("tasks=[arc_easy,piqa,wikitext]", "tasks=[diffuse_cloze] local_tasks={text} builtin_tasks=false")),
+             extra=LM_EVAL, expect=LM_EVAL_FILES,
+             note="lm-eval's tasks come from the hub: the same command on a local multiple-choice task, offline"),
+    "python -m diffuse.lm_eval ckpt=…/last.ckpt tasks=[diffuse_cloze,diffuse_continue,diffuse_text] "
+    "local_tasks=my_text.txt builtin_tasks=false":
+        Tiny(replace=(("…/last.ckpt", "{ckpt}"), ("my_text.txt", "{text}")), extra=LM_EVAL, expect=LM_EVAL_FILES),
 }
 
 

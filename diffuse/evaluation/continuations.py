@@ -17,7 +17,8 @@ n/2 antithetic pairs: one random permutation π of the continuation per pair, th
 partner π[m−1:] (m' = k + 1 − m tokens: every token masked in at least one row of the pair), with m spread
 evenly over 1..k (stratified: u_i = (u_0 + i/(n/2)) mod 1, m = ⌊u_i·k⌋ + 1). Block diffusion (objective.block_size
 b): a noisy block sees only itself and the clean blocks before it, so the bound is a sum over blocks; each block's
-continuation tokens get their own m, permutation and weight k_b/m_b in the same pass. `cfg_scale` w (off at 0):
+continuation tokens get their own m, permutation and weight k_b/m_b in the same pass (stratified per block; one
+count over the whole continuation would be unbiased too, a random order restricted to a block being one in it). `cfg_scale` w (off at 0):
 logits = u + (1 + w)·(c − u), u the pass with the context (BOS excepted) masked, as LLaDA's evaluation does.
 Greedy (LLaDA's check): from the continuation fully masked, commit the most confident position's argmax, one a
 pass; greedy when that decodes the continuation.
