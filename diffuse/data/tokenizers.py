@@ -8,6 +8,7 @@ as a plain Hugging Face folder. `vocab_size` of the model is `len(tokenizer)`.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -125,6 +126,11 @@ class HFTokenizer:
                 f"tokenizer.path={self.path!r} could not be loaded ({type(err).__name__}); offline, use a "
                 "local folder or tokenizer=bpe / tokenizer=byte"
             ) from None
+        config = Path(self.path) / "config.json"  # LLaDA / Dream: the [MASK] id is in the model's config
+        if tok.mask_token is None and config.is_file():
+            mask_id = json.loads(config.read_text()).get("mask_token_id")
+            if mask_id is not None and 0 <= mask_id < len(tok):
+                tok.mask_token = tok.convert_ids_to_tokens(mask_id)
         missing = {k: v for k, v in SPECIALS.items() if getattr(tok, k) is None}
         if missing:
             tok.add_special_tokens(missing)

@@ -7,6 +7,13 @@ model is made bidirectional by handing it a ready 4D attention mask: transformer
 `segment_ids` (diffuse.models.layers.attention_mask), so a token sees only its own document and never
 padding; it is additive (0 / dtype-min), which the sdpa and eager attention paths both accept.
 Positions restart at 0 in every document, so a packed document is computed exactly as if alone.
+
+Remote-code diffusion folders (LLaDA, Dream, diffuse's own format=remote export): `trust_remote_code=true` loads
+the folder's own modeling file (AutoModelForCausalLM when its auto_map names one, else AutoModel) and reads its
+`.logits` (the head is inside: `logits` passes them on); `mask_token_id` (null: the folder config's) must be the
+tokenizer's [MASK]; `logit_shift=true` for Dream-style models whose position i predicts token i+1. A2D for a causal
+LM (models/hf_adapt.py): an added [MASK] starts at the mean embedding, `anneal_steps` opens the causal attention to
+the bidirectional one during training; `lora` trains peft adapters only.
 """
 
 from __future__ import annotations
@@ -15,10 +22,12 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
 
 from diffuse.core.checks import check_range
 from diffuse.errors import DiffuseError
+from diffuse.models.hf_adapt import (anneal_ratio, annealed_mask, grow_vocabulary, merged, shift_right,
+                                     with_lora)
 from diffuse.models.layers import BlockLayout, attention_mask
 from diffuse.registry import MODELS
 
@@ -41,6 +50,11 @@ class HFCausalLM(nn.Module):
         dtype: str = "float32",
         gradient_checkpointing: bool = False,
         compile: bool = False,
+        trust_remote_code: bool = False,
+        mask_token_id: int | None = None,
+        logit_shift: bool = False,
+        anneal_steps: int | None = None,
+        lora: dict | None = None,
     ):
         super().__init__()
         check_range("model.d_model", d_model, 1, integer=True, null="config.hidden_size")
@@ -49,16 +63,25 @@ class HFCausalLM(nn.Module):
         torch_dtype = getattr(torch, str(dtype), None)
         if not isinstance(torch_dtype, torch.dtype):
             raise DiffuseError(f"model.dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16)")
+        check_range("model.anneal_steps", anneal_steps, 1, integer=True, null="no annealing")
         if base_model is not None:
-            self.model = _load_pretrained(base_model, attn_implementation, torch_dtype)
-            # the tokenizer may have added [MASK]/[PAD]…: grow the embeddings (never shrink trained rows)
-            if vocab_size > self.model.get_input_embeddings().num_embeddings:
-                self.model.resize_token_embeddings(vocab_size)
+            self.model = _load_pretrained(base_model, attn_implementation, torch_dtype, trust_remote_code)
+            # the tokenizer may have added [MASK]/[PAD]…: grow the embeddings (new rows: the mean one)
+            grow_vocabulary(self.model, vocab_size)
+        elif trust_remote_code:
+            raise DiffuseError("model.trust_remote_code=true loads a folder's own modeling file: give model.base_model")
         else:
             cfg = _config_from_dict(config, vocab_size, {"d_model": d_model, "n_layers": n_layers})
             self.model = AutoModelForCausalLM.from_config(cfg, attn_implementation=attn_implementation,
                                                           dtype=torch_dtype)
         self.vocab_size = self.model.get_output_embeddings().out_features
+        self.returns_logits = trust_remote_code  # remote code: call the whole model, its head included
+        self.mask_token_id = mask_token_id if mask_token_id is not None else getattr(self.model.config,
+                                                                                     "mask_token_id", None)
+        self.logit_shift, self.anneal_steps = bool(logit_shift), anneal_steps
+        self.global_step = 0  # DiffusionLM sets it before every training step (the annealing reads it)
+        if lora:
+            self.model = with_lora(self.model, dict(lora))
         if gradient_checkpointing:
             self.model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         if compile:
@@ -80,7 +103,10 @@ class HFCausalLM(nn.Module):
         x = self.embed(ids) if embeds is None else embeds
         B, L, _ = x.shape
         seg = segment_ids if segment_ids is not None else torch.ones(B, L, dtype=torch.long, device=x.device)
-        if layout is None:
+        if layout is None and self.anneal_steps and self.training and not causal:
+            allowed = annealed_mask(seg, anneal_ratio(self.global_step, self.anneal_steps))
+            positions = document_positions(seg)
+        elif layout is None:
             allowed, positions = attention_mask(seg, causal, L), document_positions(seg)
         else:  # each stream ([x_t ; x_0] in training) counts its own positions
             allowed = layout.mask(seg, B)
@@ -90,11 +116,20 @@ class HFCausalLM(nn.Module):
                     positions[:, stream] = document_positions(seg[:, stream])
         additive = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
         additive.masked_fill_(~allowed, torch.finfo(x.dtype).min)
-        out = self.decoder(inputs_embeds=x, attention_mask=additive, position_ids=positions, use_cache=False)
-        return out.last_hidden_state
+        if self.returns_logits:
+            out = self.model(inputs_embeds=x, attention_mask=additive, position_ids=positions).logits
+        else:
+            out = self.decoder(inputs_embeds=x, attention_mask=additive, position_ids=positions,
+                               use_cache=False).last_hidden_state
+        return shift_right(out) if self.logit_shift else out
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.model.get_output_embeddings()(hidden)
+        """The head on hidden states; remote-code models gave their logits already."""
+        return hidden if self.returns_logits else self.model.get_output_embeddings()(hidden)
+
+    def merge_lora(self) -> None:
+        """Fold LoRA adapters into the base weights (export merge_lora=true): the same function, plain keys."""
+        self.model = merged(self.model)
 
 
 def document_positions(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -123,14 +158,17 @@ def _config_from_dict(config: dict | None, vocab_size: int, generic: dict):
     return cfg
 
 
-def _load_pretrained(base_model: str, attn_implementation: str, torch_dtype):
+def _load_pretrained(base_model: str, attn_implementation: str, torch_dtype, trust_remote_code: bool = False):
     local = Path(base_model).expanduser()
     if str(base_model).startswith((".", "/", "~")) and not local.is_dir():
         raise DiffuseError(f"model.base_model={base_model} is not a folder")
+    where = str(local) if local.is_dir() else base_model
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            str(local) if local.is_dir() else base_model, attn_implementation=attn_implementation, dtype=torch_dtype
-        )
+        if trust_remote_code:  # LLaDA names AutoModelForCausalLM in its auto_map, Dream only AutoModel
+            auto_map = getattr(AutoConfig.from_pretrained(where, trust_remote_code=True), "auto_map", None) or {}
+            auto = AutoModelForCausalLM if "AutoModelForCausalLM" in auto_map else AutoModel
+            return auto.from_pretrained(where, trust_remote_code=True, dtype=torch_dtype)
+        return AutoModelForCausalLM.from_pretrained(where, attn_implementation=attn_implementation, dtype=torch_dtype)
     except (OSError, ValueError) as err:
         raise DiffuseError(
             f"model.base_model={base_model!r} could not be loaded ({type(err).__name__}); offline, use a local "

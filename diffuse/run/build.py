@@ -51,6 +51,10 @@ def build_model(cfg, tokenizer):
         raise DiffuseError(f"model.vocab_size={declared} does not match the tokenizer's vocabulary of {vocab}")
     model = MODELS.build(spec, vocab_size=vocab)
     check_contract(model, Backbone, f"model={spec.get('name')}")
+    declared_mask = getattr(model, "mask_token_id", None)  # a pretrained diffusion model's own [MASK]
+    if declared_mask is not None and declared_mask != tokenizer.mask_token_id:
+        raise DiffuseError(f"model.mask_token_id={declared_mask} is not the tokenizer's [MASK] "
+                           f"(id {tokenizer.mask_token_id}): use the model's own tokenizer folder")
     return model
 
 

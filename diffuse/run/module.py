@@ -39,7 +39,7 @@ class DiffusionLM(L.LightningModule):
         # every rank seeds the same stream and keeps its rows of the global batch's draws (diffuse/core/noise.py)
         gen = noise_generator(self.seed, training_stream(self.global_step, batch_idx, accumulate), self.device,
                               rank=rank, world_size=world)
-        for component in (self.objective, *self.regularizers):  # curricula and annealing read it
+        for component in (self.objective, *self.regularizers, self.backbone):  # curricula and annealing read it
             component.global_step = self.global_step
         if self.distiller is not None:
             out = self.distiller.loss(self.objective, self.backbone, batch, gen)

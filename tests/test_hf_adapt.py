@@ -1,0 +1,105 @@
+"""model=hf beyond plain causal LMs (issue 27 items 2-4): remote-code diffusion folders (trust_remote_code, the
+folder's mask_token_id, Dream's logit shift), A2D (a [MASK] added at the mean embedding, DiffuLLaMA's attention
+annealing) and LoRA through peft. The remote folder is diffuse's own format=remote file, written here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from conftest import call_main, tiny_args, tiny_transformer
+from diffuse.data.tokenizers import ByteTokenizer, HFTokenizer
+from diffuse.models.hf import HFCausalLM
+from diffuse.models.hf_adapt import annealed_mask
+from diffuse.models.layers import attention_mask
+from diffuse.models.portable.remote import copy_modeling_file, remote_config, remote_state_dict
+
+
+def tokenizer_without_mask() -> PreTrainedTokenizerFast:
+    """diffuse's byte tokenizer with [MASK] in its vocabulary but not declared (as LLaDA's folder leaves it)."""
+    tok = ByteTokenizer()()
+    return PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer, pad_token="[PAD]", bos_token="[BOS]",
+                                   eos_token="[EOS]")
+
+
+def write_remote_folder(folder):
+    """A LLaDA-style folder: config.json with auto_map + mask_token_id, modeling_diffuse.py, weights, tokenizer."""
+    tok = tokenizer_without_mask()
+    net = tiny_transformer(len(tok), seed=1)
+    special = {"pad": tok.pad_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id,
+               "mask": tok.convert_tokens_to_ids("[MASK]")}
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(remote_config(net, 10_000.0, False, special, None)))
+    save_file(remote_state_dict(net), str(folder / "model.safetensors"))
+    copy_modeling_file(folder)
+    tok.save_pretrained(str(folder))
+    return net, special
+
+
+@pytest.fixture(scope="module")
+def remote(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("remote") / "llada_like"
+    net, special = write_remote_folder(folder)
+    return folder, net, special
+
+
+def two_documents(B=2, L=12, V=256):
+    ids = torch.randint(0, V, (B, L), generator=torch.Generator().manual_seed(0))
+    seg = torch.ones(B, L, dtype=torch.long)
+    seg[:, 5:] = 2
+    seg[1, -2:] = 0
+    return ids, seg
+
+
+def test_a_remote_code_folder_is_a_backbone_with_its_own_mask_id_and_logits(remote):
+    folder, net, special = remote
+    tok = HFTokenizer(str(folder))()
+    assert tok.mask_token_id == special["mask"] and len(tok) == net.vocab_size  # from config.json: nothing added
+    model = HFCausalLM(vocab_size=len(tok), base_model=str(folder), trust_remote_code=True).eval()
+    assert model.mask_token_id == special["mask"] and type(model.model).__name__ == "DiffuseModel"
+    ids, seg = two_documents()
+    with torch.no_grad():
+        ours = net.logits(net(ids=ids, segment_ids=seg))  # positions run on across documents; RoPE is relative
+        theirs = model.logits(model(ids=ids, segment_ids=seg))
+    real = seg > 0
+    assert (ours - theirs)[real].abs().max() < 1e-5
+
+
+def test_logit_shift_reads_position_i_from_position_i_minus_1(remote):
+    folder, _, _ = remote
+    plain = HFCausalLM(vocab_size=260, base_model=str(folder), trust_remote_code=True).eval()
+    shifted = HFCausalLM(vocab_size=260, base_model=str(folder), trust_remote_code=True, logit_shift=True).eval()
+    ids = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        a, b = plain.logits(plain(ids=ids)), shifted.logits(shifted(ids=ids))
+    assert torch.equal(b[:, 1:], a[:, :-1]) and torch.equal(b[:, 0], a[:, 0])
+
+
+def test_a_mask_token_id_that_is_not_the_tokenizers_is_one_line(remote, corpus, tmp_path):
+    folder, _, special = remote
+    result = call_main("diffuse.train", *tiny_args(corpus, tmp_path, "model=hf", f"model.base_model={folder}",
+                                                   "model.trust_remote_code=true", "tokenizer=hf",
+                                                   f"tokenizer.path={folder}", "model.mask_token_id=3"))
+    assert result.returncode == 2, result
+    assert f"error: model.mask_token_id=3 is not the tokenizer's [MASK] (id {special['mask']})" in result.stderr
+
+
+def test_a_remote_folder_fine_tunes_with_llada_samples_and_evaluates(remote, corpus, tmp_path):
+    folder, _, _ = remote
+    common = ("model=hf", f"model.base_model={folder}", "model.trust_remote_code=true", "tokenizer=hf",
+              f"tokenizer.path={folder}", "model.d_model=null", "model.n_layers=null")
+    trained = call_main("diffuse.train", *tiny_args(corpus, tmp_path / "run", *common, "objective=llada",
+                                                    "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    assert trained.returncode == 0, trained
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["val/nelbo"] > 0
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    sampled = call_main("diffuse.sample", f"ckpt={ckpt}", "num_samples=2", "length=8", "steps=4", "sampler=llada",
+                        f"hydra.run.dir={tmp_path / 'sample'}")
+    assert sampled.returncode == 0, sampled
+    evaluated = call_main("diffuse.evaluate", f"ckpt={ckpt}", "data=text", f"data.path={corpus}", "num_samples=0",
+                          f"hydra.run.dir={tmp_path / 'eval'}")
+    assert evaluated.returncode == 0, evaluated
