@@ -235,3 +235,10 @@ def test_absorbing_decode_loop_passes_the_previous_step():
     torch.testing.assert_close(seen[1].sum(-1), torch.ones(seen[1].shape[:2]))  # SUBS probabilities of the canvas
     for i, p in enumerate(prompts):
         assert torch.equal(sampler.generate(model, obj, [p], 6, seed=i).tokens[0], out.tokens[i])
+
+
+def test_hybrid_refuses_self_conditioning_in_one_line():
+    from diffuse.objectives.hybrid import Hybrid
+
+    with pytest.raises(DiffuseError, match="model.self_condition=false"):
+        Hybrid(build_schedule("linear"), SPECIAL).check_backbone(tiny_transformer(self_condition=True), "transformer")
