@@ -85,7 +85,7 @@ def test_a_mask_token_id_that_is_not_the_tokenizers_is_one_line(remote, corpus, 
                                                    "model.trust_remote_code=true", "tokenizer=hf",
                                                    f"tokenizer.path={folder}", "model.mask_token_id=3"))
     assert result.returncode == 2, result
-    assert f"error: model.mask_token_id=3 is not the tokenizer's [MASK] (id {special['mask']})" in result.stderr
+    assert f"error: model.mask_token_id=3 is not the [MASK] the objective uses (id {special['mask']}" in result.stderr
 
 
 def test_a_remote_folder_fine_tunes_with_llada_samples_and_evaluates(remote, corpus, tmp_path):
@@ -103,3 +103,80 @@ def test_a_remote_folder_fine_tunes_with_llada_samples_and_evaluates(remote, cor
     evaluated = call_main("diffuse.evaluate", f"ckpt={ckpt}", "data=text", f"data.path={corpus}", "num_samples=0",
                           f"hydra.run.dir={tmp_path / 'eval'}")
     assert evaluated.returncode == 0, evaluated
+
+
+# -- A2D: a causal LM adapted into diffusion ----------------------------------------------------------
+def write_llama_folder(folder, tie: bool = False):
+    """A tiny causal Llama and a word-level tokenizer without [MASK] (the usual causal-LM folder)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from conftest import WORDS
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", "[PAD]", "[BOS]", "[EOS]", *dict.fromkeys(w.lower() for w in WORDS),
+                                         "."])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", bos_token="[BOS]",
+                                  eos_token="[EOS]")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=tie)
+    LlamaForCausalLM(config).save_pretrained(str(folder))
+    tok.save_pretrained(str(folder))
+    return len(tok)
+
+
+@pytest.fixture(scope="module")
+def causal_lm(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("causal") / "llama"
+    return folder, write_llama_folder(folder)
+
+
+def test_an_added_mask_token_starts_at_the_mean_embedding(causal_lm):
+    folder, vocab = causal_lm
+    tok = HFTokenizer(str(folder))()
+    assert len(tok) == vocab + 1 and tok.mask_token_id == vocab  # the causal LM had no [MASK]
+    model = HFCausalLM(vocab_size=len(tok), base_model=str(folder))
+    original = LlamaForCausalLM.from_pretrained(str(folder))
+    for new, old in ((model.model.get_input_embeddings(), original.get_input_embeddings()),
+                     (model.model.get_output_embeddings(), original.get_output_embeddings())):  # untied: both
+        assert torch.equal(new.weight[:vocab], old.weight)
+        assert torch.allclose(new.weight[vocab], old.weight.mean(0), atol=1e-7)
+
+
+def test_annealing_goes_from_causal_to_the_bidirectional_mask():
+    ids, seg = two_documents(B=2, L=48)
+    causal, full = attention_mask(seg, True, 48), attention_mask(seg, False, 48)
+    assert torch.equal(annealed_mask(seg, 0.0), causal) and torch.equal(annealed_mask(seg, 1.0), full)
+    opened = []
+    for r in (0.25, 0.5, 0.75):
+        mask = annealed_mask(seg, r, torch.Generator().manual_seed(0))
+        assert torch.equal(mask & causal, causal) and torch.equal(mask & ~full, torch.zeros_like(mask))  # in between
+        opened.append(((mask & ~causal).sum() / (full & ~causal).sum()).item())
+    assert opened == pytest.approx([0.25, 0.5, 0.75], abs=0.04)  # Bernoulli(r) over the non-causal pairs
+    model = HFCausalLM(vocab_size=260, config={"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
+                                               "num_hidden_layers": 1, "num_attention_heads": 2}, anneal_steps=10)
+    ids = ids % 260
+    with torch.no_grad():
+        as_causal = model(ids=ids, segment_ids=seg, causal=True)
+        as_full = model.eval()(ids=ids, segment_ids=seg)  # evaluation and sampling: bidirectional
+        model.train()
+        steps = {}
+        for model.global_step in (0, 5, 10, 20):
+            steps[model.global_step] = model(ids=ids, segment_ids=seg)
+    real = seg > 0
+    assert torch.equal(steps[0][real], as_causal[real])  # step 0: r = 0, the causal LM as it was
+    assert torch.equal(steps[10][real], as_full[real]) and torch.equal(steps[20][real], as_full[real])  # r = 1
+    assert not torch.equal(steps[5][real], as_causal[real]) and not torch.equal(steps[5][real], as_full[real])
+
+
+def test_recipe_a2d_adapts_a_causal_lm_folder(causal_lm, corpus, tmp_path):
+    folder, vocab = causal_lm
+    result = call_main("diffuse.train", *tiny_args(corpus, tmp_path, "recipe=a2d", f"model.base_model={folder}",
+                                                   "tokenizer=hf", f"tokenizer.path={folder}", "model.d_model=null",
+                                                   "model.n_layers=null", "model.anneal_steps=2",
+                                                   "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    assert result.returncode == 0, result
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["state_dict"]["backbone.model.model.embed_tokens.weight"].shape[0] == vocab + 1
+    assert ckpt["diffuse"]["config"]["model"]["logit_shift"] is True

@@ -51,10 +51,6 @@ def build_model(cfg, tokenizer):
         raise DiffuseError(f"model.vocab_size={declared} does not match the tokenizer's vocabulary of {vocab}")
     model = MODELS.build(spec, vocab_size=vocab)
     check_contract(model, Backbone, f"model={spec.get('name')}")
-    declared_mask = getattr(model, "mask_token_id", None)  # a pretrained diffusion model's own [MASK]
-    if declared_mask is not None and declared_mask != tokenizer.mask_token_id:
-        raise DiffuseError(f"model.mask_token_id={declared_mask} is not the tokenizer's [MASK] "
-                           f"(id {tokenizer.mask_token_id}): use the model's own tokenizer folder")
     return model
 
 
@@ -124,6 +120,10 @@ def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, sampl
     objective = build_objective(cfg, tokenizer)
     if isinstance(objective, ChecksBackbone):  # an objective that needs more of the backbone says so in one line
         objective.check_backbone(backbone, as_dict(cfg.model).get("name"))
+    declared, used = getattr(backbone, "mask_token_id", None), getattr(getattr(objective, "special", None), "mask", None)
+    if declared is not None and used is not None and declared != used:  # a pretrained diffusion model's own [MASK]
+        raise DiffuseError(f"model.mask_token_id={declared} is not the [MASK] the objective uses (id {used}: the "
+                           "tokenizer's, or objective.mask_token_id); use the model's own tokenizer folder")
     sampler_cfg = as_dict(cfg.get("sampler"))
     if (sampler_origin and sampler_cfg.get("name")
             and not sampler_fits(SAMPLERS.get(sampler_cfg["name"]), objective)):
