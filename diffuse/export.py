@@ -36,7 +36,14 @@ from diffuse.run.load import load_run
 CONFIG_FILE = "diffuse_config.json"
 
 
-def diffuse_folder(cfg, tokenizer, module) -> Callable[[Path], None]:
+def diffuse_folder(cfg, tokenizer, module, merge_lora: bool = False) -> Callable[[Path], None]:
+    if merge_lora:  # the adapters folded into the base weights: a plain model=hf config and state dict
+        if not (cfg.model.get("lora") and hasattr(module.backbone, "merge_lora")):
+            raise DiffuseError(f"merge_lora=true, but this run has no LoRA adapters (model={cfg.model.get('name')}, "
+                               f"model.lora={cfg.model.get('lora')})")
+        module.backbone.merge_lora()
+        cfg.model.lora = None
+
     def write(out_dir: Path) -> None:
         save_model(module.backbone, str(out_dir / "model.safetensors"))  # drops tied duplicates safely
         (out_dir / CONFIG_FILE).write_text(json.dumps(OmegaConf.to_container(cfg), indent=2))
@@ -44,7 +51,7 @@ def diffuse_folder(cfg, tokenizer, module) -> Callable[[Path], None]:
     return write
 
 
-def llama_folder(cfg, tokenizer, module) -> Callable[[Path], None]:
+def llama_folder(cfg, tokenizer, module, merge_lora: bool = False) -> Callable[[Path], None]:
     objective = module.objective.registry_name
     if objective != "autoregressive":
         raise DiffuseError(f"format=llama exports a causal LM (objective=autoregressive); this run is "
@@ -61,7 +68,7 @@ def llama_folder(cfg, tokenizer, module) -> Callable[[Path], None]:
     return write
 
 
-def remote_folder(cfg, tokenizer, module) -> Callable[[Path], None]:
+def remote_folder(cfg, tokenizer, module, merge_lora: bool = False) -> Callable[[Path], None]:
     special = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id,
                "mask": tokenizer.mask_token_id}
     config = remote_config(module.backbone, float(cfg.model.get("rope_base", 10_000.0)), module.objective.causal,
@@ -92,11 +99,15 @@ FORMATS = {"diffuse": diffuse_folder, "llama": llama_folder, "remote": remote_fo
            "diffusion_gemma": diffusion_gemma_folder}
 
 
-def export(ckpt: str, out: str, overwrite: bool = False, format: str = "diffuse") -> Path:
+def export(ckpt: str, out: str, overwrite: bool = False, format: str = "diffuse", merge_lora: bool = False) -> Path:
     """Into `out`, which must be new or empty: files there that diffuse did not write are never replaced
-    (`overwrite=true` replaces the export's own files in it)."""
+    (`overwrite=true` replaces the export's own files in it). `merge_lora`: a model=hf run's LoRA adapters folded
+    into its weights (format=diffuse; the other formats take model=transformer runs, which have none)."""
     if format not in FORMATS:
         raise DiffuseError(f"format={format} is not one of {', '.join(FORMATS)}")
+    if merge_lora and format != "diffuse":
+        raise DiffuseError(f"merge_lora=true goes with format=diffuse (format={format} takes model=transformer runs, "
+                           "which have no adapters)")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise DiffuseError(f"out={out} is a file, not a folder")
@@ -104,7 +115,7 @@ def export(ckpt: str, out: str, overwrite: bool = False, format: str = "diffuse"
         raise DiffuseError(f"out={out} is not empty: give a new folder, or overwrite=true to write the export's "
                            "files into it (others there are kept)")
     cfg, tokenizer, module = load_run(ckpt)
-    write = FORMATS[format](cfg, tokenizer, module)  # refuses what the format cannot hold before writing
+    write = FORMATS[format](cfg, tokenizer, module, merge_lora)  # refuses what the format cannot hold before writing
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as err:

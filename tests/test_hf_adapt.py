@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from conftest import call_main, tiny_args, tiny_transformer
 from diffuse.data.tokenizers import ByteTokenizer, HFTokenizer
+from diffuse.errors import DiffuseError
 from diffuse.models.hf import HFCausalLM
 from diffuse.models.hf_adapt import annealed_mask
 from diffuse.models.layers import attention_mask
@@ -180,3 +181,49 @@ def test_recipe_a2d_adapts_a_causal_lm_folder(causal_lm, corpus, tmp_path):
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["state_dict"]["backbone.model.model.embed_tokens.weight"].shape[0] == vocab + 1
     assert ckpt["diffuse"]["config"]["model"]["logit_shift"] is True
+
+
+# -- LoRA ------------------------------------------------------------------------------------------
+LORA = {"r": 4, "alpha": 8, "dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_only_the_lora_adapters_train(causal_lm):
+    folder, vocab = causal_lm
+    model = HFCausalLM(vocab_size=vocab + 1, base_model=str(folder), lora=LORA)
+    trainable = {n: p.numel() for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    # 2 layers × (q_proj, v_proj) × r·(in + out) = 2 · 2 · 4 · (32 + 32)
+    assert sum(trainable.values()) == 1024
+    assert sum(p.numel() for p in model.parameters()) > 20 * 1024
+    with pytest.raises(DiffuseError, match=r"^model.lora.rank is not a LoRA key \(r, alpha, dropout, target_modules\)$"):
+        HFCausalLM(vocab_size=vocab + 1, base_model=str(folder), lora={"rank": 4})
+
+
+def test_lora_fine_tunes_and_exports_merged(causal_lm, corpus, tmp_path):
+    from diffuse.export import export, load_exported
+    from diffuse.run.load import load_run
+
+    folder, _ = causal_lm
+    lora = "{r:4,alpha:8,dropout:0.0,target_modules:[q_proj,v_proj]}"
+    result = call_main("diffuse.train", *tiny_args(corpus, tmp_path / "run", "model=hf", f"model.base_model={folder}",
+                                                   "tokenizer=hf", f"tokenizer.path={folder}", "model.d_model=null",
+                                                   "model.n_layers=null", f"model.lora={lora}", "objective=llada",
+                                                   "trainer.max_steps=2", "trainer.val_check_interval=2"))
+    assert result.returncode == 0, result
+    ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    state = torch.load(ckpt, weights_only=False)["state_dict"]
+    adapters = {k: v for k, v in state.items() if "lora_B" in k}
+    assert len(adapters) == 4 and any(v.abs().max() > 0 for v in adapters.values())  # B starts at 0: it trained
+    base = LlamaForCausalLM.from_pretrained(str(folder)).state_dict()
+    key = "backbone.model.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    assert torch.equal(state[key], base["model.layers.0.self_attn.q_proj.weight"])  # the base stayed frozen
+
+    out = export(str(ckpt), str(tmp_path / "merged"), merge_lora=True)
+    _, tok, unmerged = load_run(str(ckpt))
+    cfg, _, merged = load_exported(str(out))
+    assert cfg.model.lora is None and not any("lora" in k for k in merged.backbone.state_dict())
+    ids, seg = two_documents(V=len(tok))
+    with torch.no_grad():
+        a = unmerged.backbone.logits(unmerged.backbone(ids=ids, segment_ids=seg))
+        b = merged.backbone.logits(merged.backbone(ids=ids, segment_ids=seg))
+    assert (a - b).abs().max() < 1e-5
