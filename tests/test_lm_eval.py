@@ -172,3 +172,36 @@ def test_block_diffusion_estimate_is_the_sum_of_each_blocks_enumerated_elbo(peak
     score = MonteCarloScorer(backbone, objective, batch_size=512, mc_samples=1024, seed=0).score([(CONTEXT, CONTINUATION)])[0]
     assert abs(score.logprob - elbo) < 4 * score.stderr + 1e-6
     assert score.stderr < 0.1
+
+
+def test_an_ar_checkpoint_scores_as_lm_evals_own_hf_model_does_on_its_llama_export(tmp_path):
+    """The AR checkpoint exported format=llama, scored by lm-eval's `hf` model, against the `diffuse` model on the same
+    local task: equal loglikelihoods (1e-4), greedy flags and accuracies. The export's head keeps the [MASK] row, so
+    its softmax runs over V + [MASK] while the AR model (its loss, val/nelbo, our exact score) runs over V: compared
+    under the same softmax, and the default score is the higher one (one more token in the normalizer)."""
+    from dataclasses import replace
+
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from diffuse.evaluation.lm_eval_model import DiffuseLM
+
+    folder = tmp_path / "llama"
+    assert call_main("diffuse.export", f"ckpt={ckpt('autoregressive')}", f"out={folder}", "format=llama").returncode == 0
+    manager = TaskManager(include_path=str(local_tasks(tmp_path)), include_defaults=False)
+
+    def evaluate(model, model_args=None):
+        out = lm_eval.simple_evaluate(model=model, model_args=model_args, tasks=["diffuse_cloze"], task_manager=manager,
+                                      limit=8, log_samples=True)
+        return out["results"]["diffuse_cloze"], [r[0] for s in out["samples"]["diffuse_cloze"] for r in s["resps"]]
+
+    hf, hf_scores = evaluate("hf", f"pretrained={folder},dtype=float32,device=cpu")
+    ours = DiffuseLM(ckpt=ckpt("autoregressive"), device="cpu", batch_size=3)
+    default = [float(s[0]) for s in evaluate(ours)[1]]
+    ours.scorer = ExactScorer(ours.module.backbone, replace(ours.special, mask=None), batch_size=3)
+    mine, mine_scores = evaluate(ours)
+    assert len(hf_scores) == len(mine_scores) == 32  # 8 documents × 4 choices
+    assert [float(s[0]) for s in mine_scores] == pytest.approx([float(s[0]) for s in hf_scores], abs=1e-4)
+    assert [bool(s[1]) for s in mine_scores] == [bool(s[1]) for s in hf_scores]
+    assert (mine["acc,none"], mine["acc_norm,none"]) == (hf["acc,none"], hf["acc_norm,none"])
+    assert all(d >= float(h[0]) - 1e-6 for d, h in zip(default, hf_scores))

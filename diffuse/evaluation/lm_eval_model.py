@@ -21,6 +21,7 @@ Every such choice is in `choices`, which diffuse.lm_eval writes beside the score
 
 from __future__ import annotations
 
+import lm_eval.models  # noqa: F401  lm-eval's own models first: get_model fills its table only while it is empty
 import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
@@ -102,9 +103,8 @@ class DiffuseLM(TemplateLM):
     def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
         if self.scorer is None:
             self.scorer = scorer_for(self.module, **self._scorer_args)
-            self.choices["loglikelihood"] = {**self.scorer.describe(),
-                                             "tokenization": "lm-eval's hf rule, BOS first, context left-truncated "
-                                                             "to fit seq_len"}
+        self.choices.setdefault("loglikelihood", {**self.scorer.describe(), "tokenization": "lm-eval's hf rule, BOS "
+                                                  "first, context left-truncated to fit seq_len"})
         pairs = [self._fit(list(context), list(continuation)) for _, context, continuation in requests]
         live = [i for i, (_, continuation) in enumerate(pairs) if continuation]
         scores = self.scorer.score([pairs[i] for i in live])
