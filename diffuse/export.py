@@ -83,7 +83,7 @@ def remote_folder(cfg, tokenizer, module, merge_lora: bool = False) -> Callable[
     return write
 
 
-def diffusion_gemma_folder(cfg, tokenizer, module) -> Callable[[Path], None]:
+def diffusion_gemma_folder(cfg, tokenizer, module, merge_lora: bool = False) -> Callable[[Path], None]:
     """model=diffusion_gemma as transformers' own DiffusionGemma folder (models/portable/diffusion_gemma.py)."""
     special = {"pad": tokenizer.pad_token_id, "bos": tokenizer.bos_token_id, "eos": tokenizer.eos_token_id}
     write_model = gemma_folder(module.backbone, special, getattr(module.sampler, "loop", None),

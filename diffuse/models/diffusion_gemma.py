@@ -7,8 +7,9 @@ cache (never writes it) and adds a self-conditioning signal from the previous st
 `denoise` are those two passes (contracts.EncodesCanvas); the generic Backbone call is the encoder's causal pass
 (the decoder cannot run without a context in the cache, so a bidirectional call is refused in one line).
 
-Built from a local folder (`path=`, what `from_pretrained` reads) or from `config=` (the text config's keys,
-randomly initialised; a one-layer vision tower of width 8 is built beside it, as the class always builds one).
+Built from a local folder (`path=`, what `from_pretrained` reads) or from `config=` (the text config's keys and
+`canvas_length`, randomly initialised; a one-layer vision tower of width 8 is built beside it, as the class always
+builds one); `canvas_length=` overrides either's canvas.
 The cache is transformers' DynamicCache: its StaticCache path miscounts once the context passes the sliding
 window (the decoder's mask is cut at the window while the keys are not).
 """
@@ -42,7 +43,7 @@ class DiffusionGemma(nn.Module):
         super().__init__()
         check_range("model.d_model", d_model, 1, integer=True, null="config.hidden_size")
         check_range("model.n_layers", n_layers, 1, integer=True, null="config.num_hidden_layers")
-        check_range("model.canvas_length", canvas_length, 1, integer=True, null="the folder's, or 256")
+        check_range("model.canvas_length", canvas_length, 1, integer=True, null="the folder's or config's")
         torch_dtype = getattr(torch, str(dtype), None)
         if not isinstance(torch_dtype, torch.dtype):
             raise DiffuseError(f"model.dtype={dtype!r} is not a torch dtype (float32, bfloat16, float16)")
@@ -57,13 +58,14 @@ class DiffusionGemma(nn.Module):
             if not config:
                 raise DiffuseError("model=diffusion_gemma needs model.path=/folder or model.config (text config keys)")
             text = {**dict(config), "vocab_size": vocab_size}
+            canvas = int(canvas_length or text.pop("canvas_length", 256))  # a top-level key of DiffusionGemmaConfig
+            text.pop("canvas_length", None)
             if d_model is not None:  # debug=default sizes every model with these two keys
                 text["hidden_size"] = d_model
             if n_layers is not None and n_layers != text.get("num_hidden_layers"):
                 text["num_hidden_layers"] = n_layers
                 text.pop("layer_types", None)  # Gemma's own pattern: five sliding to one full, the last full
-            cfg = DiffusionGemmaConfig(text_config=text, vision_config=dict(TINY_VISION),
-                                       canvas_length=int(canvas_length or 256))
+            cfg = DiffusionGemmaConfig(text_config=text, vision_config=dict(TINY_VISION), canvas_length=canvas)
             cfg._attn_implementation = attn_implementation
             self.model = DiffusionGemmaForBlockDiffusion(cfg).to(torch_dtype)
         self.vocab_size = self.model.config.text_config.vocab_size
