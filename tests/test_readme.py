@@ -108,6 +108,7 @@ COMMANDS: dict[str, Tiny | Skip] = {
     "python -m diffuse.train recipe=tdlm objective=autoregressive": Tiny(extra=RUN, expect=TRAINED),
     "python -m diffuse.train recipe=dimba": Tiny(extra=RUN, expect=TRAINED),
     "python -m diffuse.train recipe=llada": Tiny(extra=RUN, expect=TRAINED),
+    "python -m diffuse.train recipe=a2d": Tiny(extra=RUN, expect=TRAINED),
     "python -m diffuse.train model=mamba2 objective=continuous regularizer=cdlm_consistency":
         Tiny(extra=RUN, expect=TRAINED),
     "python -m diffuse.distill":
@@ -208,6 +209,12 @@ COMMANDS: dict[str, Tiny | Skip] = {
     "python -m diffuse.export ckpt=…/last.ckpt out=exported/":
         Tiny(replace=(("…/last.ckpt", "{ckpt}"), ("out=exported/", "out={out}/exported/")),
              expect=("{out}/exported/model.safetensors", "{out}/exported/diffuse_config.json")),
+    "python -m diffuse.export ckpt=…/ar/last.ckpt out=llama/ format=llama":
+        Tiny(replace=(("…/ar/last.ckpt", "{ar_ckpt}"), ("out=llama/", "out={out}/llama/")),
+             expect=("{out}/llama/config.json", "{out}/llama/model.safetensors")),
+    "python -m diffuse.export ckpt=…/last.ckpt out=remote/ format=remote":
+        Tiny(replace=(("…/last.ckpt", "{ckpt}"), ("out=remote/", "out={out}/remote/")),
+             expect=("{out}/remote/config.json", "{out}/remote/modeling_diffuse.py")),
     # -- standard benchmarks
     "python -m diffuse.lm_eval ckpt=…/last.ckpt tasks=[arc_easy,piqa,wikitext] limit=200":
         Tiny(replace=(("…/last.ckpt", "{ckpt}"),
