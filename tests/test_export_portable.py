@@ -104,3 +104,18 @@ def test_format_llama_refuses_a_diffusion_run_in_one_line(debug_run, tmp_path):
     assert error_lines(result.stderr) == ["error: format=llama exports a causal LM (objective=autoregressive); this "
                                           "run is objective=masked_discrete"]
     assert not (tmp_path / "x").exists()
+
+
+def test_an_exported_ar_run_starts_a2d_as_the_same_next_token_predictor(exported):
+    """Our AR runs enter A2D as a causal-LM folder: format=llama, then model=hf. At annealing step 0 (causal
+    attention) with the logit shift, position i's logits are the AR run's next-token logits at i − 1."""
+    from diffuse.models.hf import HFCausalLM
+
+    runs, folders, stock = exported
+    _, tok, module = load_run(str(runs["llama"]))
+    a2d = HFCausalLM(vocab_size=len(tok), base_model=str(folders["llama"]), logit_shift=True, anneal_steps=100)
+    ids = stock["llama"]["ids"]
+    with torch.no_grad():
+        ar = module.backbone.logits(module.backbone(ids=ids, causal=True))
+        shifted = a2d.train().logits(a2d(ids=ids))  # global_step 0: r = 0
+    assert (shifted[:, 1:] - ar[:, :-1]).abs().max() < 1e-5
