@@ -29,23 +29,35 @@ FRAME_S = 0.05  # at most 20 canvases a second go to the page
 
 
 def knob_values(steps, span_length, threshold, temperature, top_p, cache) -> dict:
-    """The page's knob values as sampler keywords: empty boxes are None (the sampler's default); whole numbers
+    """The page's knob boxes as sampler keywords: an empty box is None (the sampler's default); whole numbers
     where the sampler counts; `cache` none → null, and the block sampler's `use_cache` follows it."""
 
-    def whole(name, v):
-        if v is None or v == "":
+    def number(name, v):
+        if v is None or str(v).strip() == "":
             return None
-        if float(v) != int(float(v)):
+        try:
+            return float(v)
+        except ValueError:
+            raise DiffuseError(f"{name}={v!r} must be a number (or empty: the sampler's default)") from None
+
+    def whole(name, v):
+        x = number(name, v)
+        if x is not None and x != int(x):
             raise DiffuseError(f"{name}={v} must be a whole number")
-        return int(float(v))
+        return None if x is None else int(x)
 
     if cache not in CACHES:
         raise DiffuseError(f"cache={cache!r} must be one of {', '.join(CACHES)}")
     return {"steps": whole("steps", steps), "span_length": whole("span_length", span_length),
-            "threshold": None if threshold in (None, "") else float(threshold),
-            "temperature": None if temperature in (None, "") else float(temperature),
-            "top_p": None if top_p in (None, "") else float(top_p),
+            "threshold": number("threshold", threshold), "temperature": number("temperature", temperature),
+            "top_p": number("top_p", top_p),
             "cache": None if cache == "none" else cache, "use_cache": None if cache == "none" else True}
+
+
+def default_length(model: Model) -> int:
+    """48 tokens, or half the checkpoint's trained rows (data.seq_len) when that is less: room for a prompt."""
+    seq_len = (model.cfg.get("data") or {}).get("seq_len")
+    return min(48, int(seq_len) // 2) if seq_len else 48
 
 
 def panel(model: Model, run: Run, prompt: str, upto: int | None = None) -> tuple[str, str]:
@@ -71,12 +83,11 @@ def build_app(models: dict[str, Model], compare: Model | None = None):
                                   allow_custom_value=True)
         prompt = gr.Textbox(label="prompt", value="Once upon a time", lines=2)
         with gr.Row():
-            length = gr.Number(value=48, label="length", precision=0)
-            steps = gr.Number(value=None, label="steps (empty: default)")
-            span = gr.Number(value=None, label="span / block length")
-            threshold = gr.Number(value=None, label="threshold")
-            temperature = gr.Number(value=None, label="temperature")
-            top_p = gr.Number(value=None, label="top-p")
+            length = gr.Number(value=default_length(first), label="length", precision=0)
+            # text boxes: empty means the sampler's own default (a number box cannot be empty)
+            steps, span, threshold, temperature, top_p = (
+                gr.Textbox(value="", placeholder="default", label=label, max_lines=1)
+                for label in ("steps", "span / block length", "threshold", "temperature", "top-p"))
             cache = gr.Dropdown(list(CACHES), value="none", label="cache")
             seed = gr.Number(value=0, label="seed", precision=0)
         with gr.Row():

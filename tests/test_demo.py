@@ -58,8 +58,8 @@ def demo(debug_run):
     gr.close_all()
 
 
-def ask(client, ckpt, prompt="The", sampler="llada", length=12, steps=6, span=None, threshold=None, temperature=None,
-        top_p=None, cache="none", seed=0):
+def ask(client, ckpt, prompt="The", sampler="llada", length=12, steps="6", span="", threshold="", temperature="",
+        top_p="", cache="none", seed=0):
     return client.predict(ckpt, prompt, sampler, length, steps, span, threshold, temperature, top_p, cache, seed,
                           api_name="/generate")
 
@@ -79,8 +79,10 @@ def test_generate_and_compare_show_the_finished_canvases_with_their_costs(demo):
         pass
 
 
-@pytest.mark.parametrize("knob, message", [({"steps": -3}, "sampler.steps=-3 must be positive"),
-                                           ({"top_p": 1.5}, "top_p=1.5 must lie in (0, 1]"),
+@pytest.mark.parametrize("knob, message", [({"steps": "-3"}, "sampler.steps=-3 must be positive"),
+                                           ({"top_p": "1.5"}, "top_p=1.5 must lie in (0, 1]"),
+                                           ({"temperature": "hot"}, "temperature='hot' must be a number"),
+                                           ({"steps": "2.5"}, "steps=2.5 must be a whole number"),
                                            ({"length": 0}, "length=0 must be a positive whole number"),
                                            ({"sampler": "ddim"}, "sampler=ddim does not decode this checkpoint"),
                                            ({"ckpt": "/etc/passwd"}, "was not given at start")])
@@ -95,7 +97,7 @@ def test_cancel_stops_the_sampler_at_its_next_step(demo):
     client, ckpt, slow, _ = demo
     slow.delay, before = 0.15, slow.calls
     try:
-        job = client.submit(ckpt, "The", "llada", 24, 24, None, None, None, None, "none", 0, api_name="/generate")
+        job = client.submit(ckpt, "The", "llada", 24, "24", "", "", "", "", "none", 0, api_name="/generate")
         deadline = time.time() + 30
         while slow.calls - before < 2 and time.time() < deadline:  # the generation is under way
             time.sleep(0.05)
@@ -145,3 +147,87 @@ def test_sample_writes_an_html_replay_and_a_gif(debug_run, tmp_path):
     assert gif.n_frames == 4
     bad = call_main("diffuse.sample", f"ckpt={ckpt}", "trace=out.txt", f"hydra.run.dir={tmp_path}")
     assert bad.returncode != 0 and "trace=out.txt must be" in bad.stderr
+
+
+# -- the page in a real browser ------------------------------------------------------------------------------
+class Chromium:
+    """Headless Chromium driven over the DevTools protocol on a pipe (--remote-debugging-pipe: no extra package)."""
+
+    def __init__(self, exe: str, profile):
+        import os
+        import subprocess
+
+        to_r, self._to = os.pipe()
+        self._from, from_w = os.pipe()
+        self.proc = subprocess.Popen(
+            ["bash", "-c", f'exec "$0" "$@" 3<&{to_r} 4>&{from_w}', exe, "--headless=new", "--remote-debugging-pipe",
+             "--no-sandbox", "--disable-gpu", "--no-first-run", f"--user-data-dir={profile}", "--window-size=1280,1100",
+             "about:blank"], pass_fds=(to_r, from_w), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.close(to_r)
+        os.close(from_w)
+        self._buf, self._id, self.session = b"", 0, None
+
+    def send(self, method: str, **params):
+        import json
+        import os
+
+        self._id += 1
+        msg = {"id": self._id, "method": method, "params": params}
+        if self.session:
+            msg["sessionId"] = self.session
+        os.write(self._to, json.dumps(msg).encode() + b"\0")
+        while True:
+            while b"\0" not in self._buf:
+                chunk = os.read(self._from, 1 << 16)
+                assert chunk, "chromium closed its pipe"
+                self._buf += chunk
+            raw, self._buf = self._buf.split(b"\0", 1)
+            reply = json.loads(raw)
+            if reply.get("id") == self._id:
+                assert "error" not in reply, reply["error"]
+                return reply.get("result", {})
+
+    def js(self, expression: str):
+        return self.send("Runtime.evaluate", expression=expression, returnByValue=True)["result"].get("value")
+
+    def wait_for(self, expression: str, timeout: float = 30.0):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.js(expression):
+                return True
+            time.sleep(0.2)
+        raise AssertionError(f"the page never satisfied {expression}")
+
+    def close(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+def test_in_a_browser_a_prompt_and_generate_end_on_the_final_canvas(demo, tmp_path):
+    import base64
+    import shutil
+
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    if exe is None:
+        pytest.skip("no headless Chromium (Debian: apt-get install chromium): the browser test is skipped")
+    _, _, _, port = demo
+    browser = Chromium(exe, tmp_path / "profile")
+    try:
+        target = browser.send("Target.createTarget", url=f"http://127.0.0.1:{port}/")["targetId"]
+        browser.session = browser.send("Target.attachToTarget", targetId=target, flatten=True)["sessionId"]
+        browser.wait_for("document.querySelector('textarea') !== null")
+        browser.js("const t = document.querySelector('textarea'); t.focus(); t.select(); true")
+        browser.send("Input.insertText", text="Once upon a time")  # typed, as a person would
+        browser.js("[...document.querySelectorAll('button')].find(b => b.textContent.trim() === 'Generate').click()")
+        shot = tmp_path / "demo.png"
+        try:
+            browser.wait_for("document.body.innerText.includes('done') && document.querySelector('.dl-canvas') !== null")
+        finally:  # the screenshot shows what went wrong too
+            shot.write_bytes(base64.b64decode(browser.send("Page.captureScreenshot", format="png")["data"]))
+        canvas = browser.js("document.querySelector('.dl-canvas').innerText")
+        stats = browser.js("document.body.innerText")
+    finally:
+        browser.close()
+    assert canvas.startswith("Once upon a time") and "▒" not in canvas  # the prompt, then every mask filled
+    assert "NFE" in stats and "tokens per forward" in stats
+    assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
