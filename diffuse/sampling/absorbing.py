@@ -24,6 +24,9 @@ and the last step of a block commits every mask it has left. The rules choose C:
     `get_num_transfer_tokens`: 10 in 4 steps → 3, 3, 2, 2);
   - `one_per_step` with τ (threshold, parallel decoding): every mask with c ≥ τ, or the most confident
     one when none reaches τ (the top-1 is inside the τ-set whenever that set is not empty).
+- `EntropyBounded` (eb; the EB-sampler, arXiv 2505.24857): sort the eligible masks by the entropy H_ℓ of
+  p_ℓ (untempered, untruncated) ascending and commit the largest k with Σ_{i≤k} H_i − max_{i≤k} H_i ≤ γ, at
+  least one (base.eb_accept; sampler=entropy_bound keeps the same set on uniform-state canvases).
 
 Guidance (`cfg_scale` w > 0): u = log-probs of the canvas with the prompt masked (BOS kept), and the
 step uses log softmax(u + (w + 1)(log p − u)); each step then costs two passes.
@@ -57,9 +60,11 @@ from diffuse.sampling.base import (
     SampleOutput,
     check_temperature,
     check_truncation,
+    eb_accept,
     rand_rows,
     row_generators,
     sample_tokens,
+    token_entropy,
     trim_at_eos,
     truncate,
 )
@@ -130,6 +135,16 @@ class CommitTopK:
         if self.threshold is not None:
             reveal |= conf >= self.threshold
         return reveal & masked
+
+
+class EntropyBounded:
+    """EB-sampler: the eligible masks of lowest entropy whose Σ H − max H ≤ `gamma` (at least one)."""
+
+    def __init__(self, gamma: float):
+        self.gamma = float(check_range("sampler.gamma", gamma, 0))
+
+    def choose(self, masked, proposal, logp, t, s, gens, left):
+        return eb_accept(token_entropy(logp), self.gamma, eligible=masked)
 
 
 class AbsorbingSampler:

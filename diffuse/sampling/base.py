@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.distributions import Categorical
 
 from diffuse.errors import DiffuseError
 
@@ -80,6 +81,24 @@ def draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     idx = (cdf <= u[..., None] * cdf[..., -1:]).sum(-1)
     last = weights.shape[-1] - 1 - (weights > 0).flip(-1).long().argmax(-1)  # rounding at u → 1
     return torch.minimum(idx, last)
+
+
+def token_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """H(softmax(logits)) per position [...] in nats (−inf logits, impossible tokens, count nothing): torch's
+    Categorical, as transformers' DiffusionGemma computes it, so a tie at an entropy bound falls the same way."""
+    return Categorical(logits=logits, validate_args=False).entropy()
+
+
+def eb_accept(entropy: torch.Tensor, gamma: float, eligible: torch.Tensor | None = None) -> torch.Tensor:
+    """The EB-sampler's acceptance (arXiv 2505.24857), [B, L] bool: per row, the largest set of lowest-entropy
+    eligible positions with Σ H − max H ≤ γ — the sum bounds their joint dependence — and at least one where a
+    row has an eligible position. torch.sort ascending, as transformers' EntropyBoundSampler, so ties fall alike."""
+    if eligible is not None:  # ineligible positions sort last as +inf: inf − inf is nan, never ≤ γ
+        entropy = entropy.masked_fill(~eligible, float("inf"))
+    sorted_h, order = torch.sort(entropy, dim=-1, descending=False)
+    keep = sorted_h.cumsum(-1) - sorted_h <= gamma  # sorted ascending: the k-th term is the running max
+    accepted = torch.zeros_like(keep).scatter(-1, order, keep)
+    return accepted if eligible is None else accepted & eligible
 
 
 def check_temperature(temperature) -> float:

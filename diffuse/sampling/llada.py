@@ -16,13 +16,16 @@ masked_discrete).
 - `threshold`: commit every eligible masked token whose confidence ≥ `threshold`, at least the most
   confident one per step; the last step of a block commits the rest. `steps` is then only a cap, so
   confident models spend fewer forward passes. Blocks and guidance as for `llada`.
+- `eb` (EB-sampler, arXiv 2505.24857): commit the eligible masks of lowest predictive entropy H whose
+  Σ H − max H ≤ `gamma`, at least one per step; the last step of a block commits the rest. Like `threshold`,
+  `steps` is a cap: γ = 0 commits one token a step (more only where H = 0), a large γ everything at once.
 
 Both take `cache` (null, prefix or dual): Fast-dLLM's approximate KV caches for full-sequence
 bidirectional transformers (canvas_cache.py). The first pass of each block runs the whole canvas and
 refreshes the cache; the block's other passes feed the block and the suffix (prefix) or the block alone
 (dual). Faster, not exact: the cached K/V saw the block as it was at its first step.
 
-Defaults are those of conf/sampler/llada.yaml and conf/sampler/threshold.yaml.
+Defaults are those of conf/sampler/llada.yaml, conf/sampler/threshold.yaml and conf/sampler/eb.yaml.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from diffuse.registry import SAMPLERS
 from diffuse.sampling.absorbing import (
     AbsorbingSampler,
     CommitTopK,
+    EntropyBounded,
     even_share,
     one_per_step,
     schedule_share,
@@ -61,3 +65,13 @@ class ThresholdSampler(AbsorbingSampler):
         super().__init__(CommitTopK(one_per_step, "low_confidence", float(threshold)), steps=steps,
                          schedule="linear", temperature=temperature, eps=eps, span_length=span_length,
                          cfg_scale=cfg_scale, cache=cache, top_k=top_k, top_p=top_p)
+
+
+@SAMPLERS.register("eb")
+class EBSampler(AbsorbingSampler):
+    def __init__(self, gamma: float = 0.1, steps: int = 64, span_length: int | None = None,
+                 temperature: float = 1.0, cfg_scale: float = 0.0, eps: float = 1e-3, cache: str | None = None,
+                 top_k: int | None = None, top_p: float | None = None):
+        # the schedule only places the time grid (uniform in t) given to time-conditioned backbones
+        super().__init__(EntropyBounded(gamma), steps=steps, schedule="linear", temperature=temperature, eps=eps,
+                         span_length=span_length, cfg_scale=cfg_scale, cache=cache, top_k=top_k, top_p=top_p)
