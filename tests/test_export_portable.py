@@ -25,7 +25,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 jobs, out, text = torch.load(sys.argv[1]), sys.argv[2], sys.argv[3]
 results = []
 for folder, remote, masks in jobs:
-    tok = AutoTokenizer.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=remote)  # reads config.json's auto_map too
     model = (AutoModel.from_pretrained(folder, trust_remote_code=True) if remote
              else AutoModelForCausalLM.from_pretrained(folder)).eval()
     ids = tok([text], return_tensors="pt")["input_ids"]
