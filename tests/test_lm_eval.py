@@ -205,3 +205,25 @@ def test_an_ar_checkpoint_scores_as_lm_evals_own_hf_model_does_on_its_llama_expo
     assert [bool(s[1]) for s in mine_scores] == [bool(s[1]) for s in hf_scores]
     assert (mine["acc,none"], mine["acc_norm,none"]) == (hf["acc,none"], hf["acc_norm,none"])
     assert all(d >= float(h[0]) - 1e-6 for d, h in zip(default, hf_scores))
+
+
+def test_generation_is_the_same_in_any_batch_and_cut_at_the_stop_strings():
+    """The masked checkpoint's own sampler at temperature 1 (random draws): each request gets seed + its index, so
+    batches of 1 and of 4 give the same texts; `until` cuts after generation; a long context keeps room to generate."""
+    from lm_eval.api.instance import Instance
+
+    from diffuse.evaluation.lm_eval_model import DiffuseLM
+
+    kwargs = {"until": ["t"], "max_gen_toks": 12, "do_sample": True, "temperature": 1.0}
+    contexts = ["the cat sat", "a small", "we walk by the river at noon. the dog ran to the old tree. a small", ""]
+    requests = [Instance("generate_until", {}, (c, kwargs), i) for i, c in enumerate(contexts)]
+    texts = {}
+    for batch_size in (1, 4):
+        lm = DiffuseLM(ckpt=ckpt("masked_discrete"), device="cpu", batch_size=batch_size, steps=4)
+        texts[batch_size] = lm.generate_until(requests)
+    assert texts[1] == texts[4] and len(texts[1]) == 4
+    uncut = lm.generate_until([Instance("generate_until", {}, (c, {**kwargs, "until": []}), i)
+                               for i, c in enumerate(contexts)])
+    assert any("t" in text for text in uncut)
+    assert texts[1] == [text.split("t")[0] for text in uncut]
+    assert lm.choices["generate_until"]["lengths"] == [12]  # the long context was cut to leave room for 12 tokens
