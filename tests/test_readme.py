@@ -109,6 +109,7 @@ COMMANDS: dict[str, Tiny | Skip] = {
     "python -m diffuse.train recipe=dimba": Tiny(extra=RUN, expect=TRAINED),
     "python -m diffuse.train recipe=llada": Tiny(extra=RUN, expect=TRAINED),
     "python -m diffuse.train recipe=a2d": Tiny(extra=RUN, expect=TRAINED),
+    "python -m diffuse.train recipe=diffusion_gemma": Tiny(extra=RUN, expect=TRAINED),
     "python -m diffuse.train model=mamba2 objective=continuous regularizer=cdlm_consistency":
         Tiny(extra=RUN, expect=TRAINED),
     "python -m diffuse.distill":
