@@ -98,9 +98,11 @@ def test_a_remote_folder_fine_tunes_with_llada_samples_and_evaluates(remote, cor
     assert trained.returncode == 0, trained
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["val/nelbo"] > 0
     ckpt = tmp_path / "run" / "checkpoints" / "last.ckpt"
-    sampled = call_main("diffuse.sample", f"ckpt={ckpt}", "num_samples=2", "length=8", "steps=4", "sampler=llada",
-                        f"hydra.run.dir={tmp_path / 'sample'}")
-    assert sampled.returncode == 0, sampled
+    for sampler in ("llada", "remask", "ancestral", "threshold", "eb"):  # the absorbing samplers
+        sampled = call_main("diffuse.sample", f"ckpt={ckpt}", "num_samples=2", "length=8", "steps=4",
+                            f"sampler={sampler}", f"hydra.run.dir={tmp_path / sampler}")
+        assert sampled.returncode == 0, (sampler, sampled)
+        assert len((tmp_path / sampler / "samples.jsonl").read_text().splitlines()) == 2
     evaluated = call_main("diffuse.evaluate", f"ckpt={ckpt}", "data=text", f"data.path={corpus}", "num_samples=0",
                           f"hydra.run.dir={tmp_path / 'eval'}")
     assert evaluated.returncode == 0, evaluated
