@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import time
 from pathlib import Path
 
 import hydra
@@ -73,13 +74,14 @@ def run(cfg: DictConfig) -> dict:
     lm = DiffuseLM(ckpt=cfg.ckpt, batch_size=cfg.batch_size, mc_samples=cfg.mc_samples, seed=cfg.seed,
                    cfg_scale=cfg.cfg_scale, t_samples=cfg.t_samples, sampler=as_dict(cfg.get("sampler")),
                    steps=cfg.get("steps"), temperature=cfg.get("temperature"), device=cfg.device)
+    tic = time.perf_counter()
     results = simple_evaluate(model=lm, tasks=names, num_fewshot=cfg.get("num_fewshot"), limit=cfg.get("limit"),
                               task_manager=manager, log_samples=bool(cfg.log_samples), random_seed=cfg.seed,
                               numpy_random_seed=cfg.seed, torch_random_seed=cfg.seed,
                               fewshot_random_seed=cfg.seed)
-    results["diffuse"] = lm.choices
+    results["diffuse"] = {**lm.choices, "evaluation_seconds": round(time.perf_counter() - tic, 2)}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2, default=handle_non_serializable))
-    table = markdown(results, lm.choices)
+    table = markdown(results, results["diffuse"])
     (out_dir / "lm_eval.md").write_text(table)
     print(table)
     print(f"written to {out_dir / 'results.json'} and {out_dir / 'lm_eval.md'}")
