@@ -144,6 +144,12 @@ COMMANDS: dict[str, Tiny | Skip] = {
     'python -m diffuse.sample ckpt=… sampler=ancestral steps=32 prompt="The for statement"':
         Tiny(replace=(("…", "{ckpt}"),), extra=("length=8", "hydra.run.dir={out}"), expect=("{out}/samples.jsonl",),
              note="length=8: BOS + the 17-byte prompt + 8 fit the tiny checkpoint's 32-token rows"),
+    'python -m diffuse.sample ckpt=…/last.ckpt sampler=llada steps=24 prompt="The" trace=replay.html':
+        Tiny(replace=(("…/last.ckpt", "{ckpt}"), ("trace=replay.html", "trace={out}/replay.html")),
+             extra=("num_samples=1", "length=8", "hydra.run.dir={out}"), expect=("{out}/replay.html",)),
+    "python -m diffuse.demo ckpt=…/last.ckpt compare=…/ar.ckpt":
+        Tiny(replace=(("…/last.ckpt", "{ckpt}"), ("…/ar.ckpt", "{ar_ckpt}")), extra=("--cfg", "job"),
+             stdout="host: 127.0.0.1", note="composed (--cfg job): the server itself is driven by tests/test_demo.py"),
     "python -m diffuse.train objective.block_size=16": Tiny(extra=RUN, expect=TRAINED),
     "python -m diffuse.sample ckpt=…/last.ckpt length=256 steps=8":
         Tiny(replace=(("…/last.ckpt", "{block_ckpt}"),), extra=("num_samples=1", "hydra.run.dir={out}"),

@@ -7,7 +7,7 @@ import colorsys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageChops, ImageDraw, ImageFont
 
 from diffuse.analysis.replay import cells
 from diffuse.sampling.trace import Step
@@ -59,9 +59,13 @@ def _frame(steps, row, token, special, prompt, i, font, height) -> Image.Image:
 
 
 def write_gif(path: str | Path, steps: Sequence[Step], row: int, token: Callable[[int], str], special,
-              prompt: str = "", height: int = 200, ms: int = 120) -> Path:
+              prompt: str = "", ms: int = 120) -> Path:
+    """One frame per step, as tall as the last frame's text needs."""
     font = ImageFont.load_default(size=SIZE)
-    frames = [_frame(steps, row, token, special, prompt, i, font, height) for i in range(len(steps))]
+    frames = [_frame(steps, row, token, special, prompt, i, font, 1200) for i in range(len(steps))]
+    box = ImageChops.invert(frames[-1]).getbbox()
+    height = min(1200, (box[3] if box else LINE) + PAD)
+    frames = [f.crop((0, 0, WIDTH, height)) for f in frames]
     durations = [ms] * (len(frames) - 1) + [2000]
     frames[0].save(path, save_all=True, append_images=frames[1:], duration=durations, loop=0, optimize=True)
     return Path(path)
