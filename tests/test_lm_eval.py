@@ -227,3 +227,16 @@ def test_generation_is_the_same_in_any_batch_and_cut_at_the_stop_strings():
     assert any("t" in text for text in uncut)
     assert texts[1] == [text.split("t")[0] for text in uncut]
     assert lm.choices["generate_until"]["lengths"] == [12]  # the long context was cut to leave room for 12 tokens
+
+
+def test_guidance_masks_the_context_for_its_unconditional_pass(peaked):
+    """cfg_scale w: logits u + (1 + w)(c − u), u with the context after BOS masked. With no context after BOS the two
+    passes are one (the score is unguided); with a context it moves."""
+    backbone, objective = peaked
+
+    def score(requests, w):
+        return [s.logprob for s in MonteCarloScorer(backbone, objective, 32, 8, 0, cfg_scale=w).score(requests)]
+
+    bare = [([SPECIAL.bos], CONTINUATION)]
+    assert score(bare, 2.0) == pytest.approx(score(bare, 0.0), abs=1e-5)
+    assert abs(score([(CONTEXT, CONTINUATION)], 2.0)[0] - score([(CONTEXT, CONTINUATION)], 0.0)[0]) > 0.01
