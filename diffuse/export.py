@@ -102,12 +102,12 @@ FORMATS = {"diffuse": diffuse_folder, "llama": llama_folder, "remote": remote_fo
 def export(ckpt: str, out: str, overwrite: bool = False, format: str = "diffuse", merge_lora: bool = False) -> Path:
     """Into `out`, which must be new or empty: files there that diffuse did not write are never replaced
     (`overwrite=true` replaces the export's own files in it). `merge_lora`: a model=hf run's LoRA adapters folded
-    into its weights (format=diffuse; the other formats take model=transformer runs, which have none)."""
+    into its weights (format=diffuse: the other formats take backbones without adapters)."""
     if format not in FORMATS:
         raise DiffuseError(f"format={format} is not one of {', '.join(FORMATS)}")
     if merge_lora and format != "diffuse":
-        raise DiffuseError(f"merge_lora=true goes with format=diffuse (format={format} takes model=transformer runs, "
-                           "which have no adapters)")
+        raise DiffuseError(f"merge_lora=true goes with format=diffuse, where a model=hf run's adapters are written "
+                           f"(format={format} writes none)")
     out_dir = Path(out)
     if out_dir.exists() and not out_dir.is_dir():
         raise DiffuseError(f"out={out} is a file, not a folder")
