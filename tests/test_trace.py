@@ -18,10 +18,12 @@ from diffuse.sampling.base import trim_at_eos
 from diffuse.sampling.block import BlockSampler
 from diffuse.sampling.ddim import DDIMSampler
 from diffuse.sampling.drafters import ARDrafter
-from diffuse.sampling.llada import LLaDASampler, ThresholdSampler
+from diffuse.objectives.uniform import Uniform
+from diffuse.sampling.llada import EBSampler, LLaDASampler, ThresholdSampler
 from diffuse.sampling.masked import AncestralSampler
 from diffuse.sampling.speculative import SpeculativeSampler
 from diffuse.sampling.trace import OFF, recorder, recording
+from diffuse.sampling.uniform import UniformAncestralSampler
 from diffuse.schedules import build_schedule
 
 PROMPTS = [[3, 4, 5, 6], [8], [9, 10]]
@@ -35,13 +37,16 @@ CASES = {
     "ar": (lambda: ARSampler(), lambda: AR),
     "speculative": (lambda: SpeculativeSampler(ARDrafter(tiny_transformer(seed=1), AR), draft_length=2), lambda: AR),
     "ddim": (lambda: DDIMSampler(steps=3), lambda: ContinuousEmbedding(build_schedule("linear"), SPECIAL)),
+    "eb": (lambda: EBSampler(gamma=0.5, steps=6, span_length=3), lambda: MASKED),
+    "uniform_ancestral": (lambda: UniformAncestralSampler(steps=3), lambda: Uniform(build_schedule("linear"), SPECIAL)),
 }
+TIME_CONDITIONED = ("ddim", "uniform_ancestral")
 
 
 @pytest.mark.parametrize("name", CASES)
 def test_traced_tokens_are_untraced_ones_and_batch_equals_singles(name):
     make, objective = CASES[name]
-    sampler, obj, model = make(), objective(), tiny_transformer(seed=2, time_conditioning=name == "ddim")
+    sampler, obj, model = make(), objective(), tiny_transformer(seed=2, time_conditioning=name in TIME_CONDITIONED)
     plain = sampler.generate(model, obj, PROMPTS, 6, seed=3)
     assert recorder(sampler) is OFF
     with recording(sampler) as traj:
@@ -63,7 +68,7 @@ def test_traced_tokens_are_untraced_ones_and_batch_equals_singles(name):
             assert torch.equal(alone.committed_at()[0], traj.committed_at()[r]) and len(traj.steps) >= n
 
 
-@pytest.mark.parametrize("name", ["llada", "threshold", "block"])
+@pytest.mark.parametrize("name", ["llada", "threshold", "eb", "block"])
 def test_masked_decoding_commits_each_position_once_and_never_revises(name):
     make, objective = CASES[name]
     with recording(sampler := make()) as traj:
