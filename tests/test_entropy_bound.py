@@ -20,6 +20,7 @@ from conftest import SPECIAL, VOCAB, ZeroBackbone, tiny_transformer
 from diffuse.contracts import BLOCK_UNIFORM, UNIFORM
 from diffuse.errors import DiffuseError
 from diffuse.objectives.llada import LLaDA
+from diffuse.objectives.masked_discrete import MaskedDiscrete
 from diffuse.registry import SAMPLERS
 from diffuse.sampling.base import eb_accept, token_entropy
 from diffuse.sampling.entropy_bound import EntropyBoundLoop, temperature_at
@@ -104,6 +105,18 @@ def test_eb_batch_equals_singles():
     for r, p in enumerate(prompts):
         alone = sampler.generate(model, OBJECTIVE, [p], 6, seed=5 + r)
         assert torch.equal(batch.tokens[r], alone.tokens[0]) and int(batch.nfe_per_row()[r]) == alone.nfe
+
+
+def test_block_diffusion_takes_the_eb_rule():
+    obj = MaskedDiscrete(build_schedule("linear"), SPECIAL, block_size=4)
+    model = tiny_transformer(seed=2)
+    eager = SAMPLERS.build({"name": "block", "steps": 4, "gamma": 1e9}).generate(model, obj, [[1, 2]], 8, seed=0)
+    slow = SAMPLERS.build({"name": "block", "steps": 4, "gamma": 0.0}).generate(model, obj, [[1, 2]], 8, seed=0)
+    # a huge bound fills a block in one pass (+ one to cache it), γ = 0 one token a pass (4 per block)
+    assert (eager.nfe, slow.nfe) == (1 + 1 + 1 + 1, 1 + 4 + 1 + 4)  # prefill, block, its commit, last block
+    assert (eager.tokens != SPECIAL.mask).all() and (slow.tokens != SPECIAL.mask).all()
+    with pytest.raises(DiffuseError, match="sampler.threshold"):
+        SAMPLERS.build({"name": "block", "threshold": 0.9, "gamma": 0.1})
 
 
 # -- DiffusionGemma's loop against transformers' own ----------------------------------------------

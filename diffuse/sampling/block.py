@@ -9,7 +9,8 @@ clean prefix in training (models/layers.py BlockLayout). So the K/V of a committ
     block j      `steps` denoising steps, each one pass over the block's b positions only, reading the
                  cache; the step's own K/V are forgotten (KVCache.truncate), so no step sees another's
                  masks; commits as the absorbing samplers do (k most confident per step, LLaDA's even
-                 split; or every token with confidence ≥ `threshold`, at least one: parallel decoding)
+                 split; or every token with confidence ≥ `threshold`, at least one: parallel decoding; or the
+                 lowest-entropy tokens with Σ H − max H ≤ `gamma`, at least one: the EB-sampler)
     commit       one pass over the finished block writes its K/V to the cache (skipped after the last)
 
 A sample's cost is therefore b·(steps + 1) positions per block and never a re-run of its prefix.
@@ -34,7 +35,7 @@ from diffuse.core.checks import check_range
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout
 from diffuse.registry import SAMPLERS
-from diffuse.sampling.absorbing import REMASKING, CommitTopK, even_share, one_per_step
+from diffuse.sampling.absorbing import REMASKING, CommitTopK, EntropyBounded, even_share, one_per_step
 from diffuse.sampling.base import (
     RowCost,
     SampleOutput,
@@ -55,7 +56,8 @@ class BlockSampler:
     any_length = True  # block-causal: nothing ties the length to the trained canvas
 
     def __init__(self, steps: int = 8, threshold: float | None = None, remasking: str = "low_confidence",
-                 temperature: float = 1.0, use_cache: bool | None = None, eps: float = 1e-3):
+                 temperature: float = 1.0, use_cache: bool | None = None, eps: float = 1e-3,
+                 gamma: float | None = None):
         if int(steps) <= 0:
             raise DiffuseError(f"sampler.steps={steps} must be positive (denoising steps per block)")
         if threshold is not None and not 0.0 < threshold <= 1.0:
@@ -65,8 +67,10 @@ class BlockSampler:
         check_range("sampler.eps", eps, 0, 1, high_open=True)  # the end of each block's time grid 1 → eps
         self.steps, self.temperature, self.eps = int(steps), check_temperature(temperature), eps
         self.use_cache = use_cache  # None: the cache when the backbone has one (model=hf has none)
+        if threshold is not None and gamma is not None:
+            raise DiffuseError(f"sampler.threshold={threshold} and sampler.gamma={gamma} are two commit rules: set one")
         self.rule = (CommitTopK(one_per_step, "low_confidence", float(threshold)) if threshold is not None
-                     else CommitTopK(even_share, remasking))
+                     else EntropyBounded(gamma) if gamma is not None else CommitTopK(even_share, remasking))
         self.schedule = build_schedule("linear")  # places the time grid handed to time-conditioned models
 
     @torch.no_grad()
