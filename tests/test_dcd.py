@@ -44,7 +44,7 @@ def objective():
 
 def test_coupled_pair_loss_and_refusals():
     student = tiny_transformer(time_conditioning=True).train()
-    dcd = DCD(objective(), tiny_transformer(seed=1, time_conditioning=True), teacher_steps=8)
+    dcd = DCD(objective(), tiny_transformer(seed=1, time_conditioning=True), student_steps=4)
     batch = packed_batch(4, 12, docs=True)
     obj = objective()
     t, s = torch.full((4, 1), 0.9), torch.full((4, 1), 0.3)
@@ -55,20 +55,21 @@ def test_coupled_pair_loss_and_refusals():
     kept_t = (z_t == x0) & ~given
     # one shared ε: raising r only raises x's coordinate, so a token kept at t is kept at the earlier s
     assert kept_t.any() and (z_s[kept_t] == x0[kept_t]).all() and ((z_s == x0) & ~given).sum() > kept_t.sum()
+    assert dcd.dt == 1 / 8  # the teacher's step: twice the student's 4 steps
     out = dcd.loss(obj, student, batch, torch.Generator().manual_seed(0))
     out.loss.backward()
     assert float(out.loss) > 0 and student.tok_emb.weight.grad is not None
     assert all(p.grad is None for p in dcd.teacher.net.parameters())
     with pytest.raises(DiffuseError, match="uniform-state"):
-        DCD(MaskedDiscrete(build_schedule("linear"), SPECIAL), tiny_transformer(), teacher_steps=8)
+        DCD(MaskedDiscrete(build_schedule("linear"), SPECIAL), tiny_transformer(), student_steps=4)
     with pytest.raises(DiffuseError, match="method.divergence"):
-        DCD(objective(), tiny_transformer(), teacher_steps=8, divergence="mse")
+        DCD(objective(), tiny_transformer(), student_steps=4, divergence="mse")
 
 
 def test_round_plan_halves_the_steps():
     cfg = OmegaConf.create({"rounds": 2, "steps": 8, "teacher": "t.ckpt"})
     plans = DCD.rounds(cfg, {"name": "dcd"}, {}, __import__("pathlib").Path("out"))
-    assert [p.steps for p in plans] == [4, 2] and [p.distill["teacher_steps"] for p in plans] == [8, 4]
+    assert [p.steps for p in plans] == [4, 2] and [p.distill["student_steps"] for p in plans] == [4, 2]
     assert plans[1].init_from.endswith("round1/checkpoints/last.ckpt")
     with pytest.raises(DiffuseError, match="2\\^rounds"):
         DCD.rounds(OmegaConf.create({"rounds": 3, "steps": 4, "teacher": "t"}), {"name": "dcd"}, {}, None)

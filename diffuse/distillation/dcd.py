@@ -63,18 +63,18 @@ def duality_ratio(alpha: torch.Tensor, V: int, iters: int = 60) -> torch.Tensor:
 
 @DISTILLERS.register("dcd")
 class DCD(nn.Module):
-    def __init__(self, objective, teacher: str | nn.Module, teacher_steps: int, divergence: str = "reverse_kl"):
+    def __init__(self, objective, teacher: str | nn.Module, student_steps: int, divergence: str = "reverse_kl"):
         super().__init__()
         if not isinstance(objective, UniformState):
             raise DiffuseError(f"method=dcd distils uniform-state objectives (objective=uniform), not objective="
                                f"{objective.registry_name}")
-        self.teacher_steps = check_range("method.teacher_steps", teacher_steps, 1, integer=True)
+        self.student_steps = check_range("method.student_steps", student_steps, 1, integer=True)
         if divergence not in KL_DIRECTIONS:
             raise DiffuseError(f"method.divergence={divergence!r} must be one of {', '.join(KL_DIRECTIONS)}")
         self.divergence = pick_divergence(divergence)
-        self.dt = 1.0 / self.teacher_steps
+        self.dt = 1.0 / (2 * self.student_steps)  # the teacher's step: it samples with twice the student's steps
         if objective.eps + self.dt >= 1.0:
-            raise DiffuseError(f"method.teacher_steps={teacher_steps}: a teacher step of 1/{teacher_steps} leaves no "
+            raise DiffuseError(f"method.student_steps={student_steps}: a teacher step of Δ = {self.dt} leaves no "
                                "room for t in [eps + Δ, 1]")
         frozen = teacher if isinstance(teacher, Frozen) else (
             Frozen(teacher, "<module>") if isinstance(teacher, nn.Module) else Frozen.from_checkpoint(teacher))
@@ -125,7 +125,7 @@ class DCD(nn.Module):
         for r in range(1, R + 1):
             teacher = str(cfg.teacher) if r == 1 else previous_student(out_dir, r - 1)
             n = steps // 2**r
-            plans.append(Round(init_from=teacher, distill={**method, "teacher": teacher, "teacher_steps": 2 * n},
+            plans.append(Round(init_from=teacher, distill={**method, "teacher": teacher, "student_steps": n},
                                changes={"sampler.steps": n}, steps=n, total=R,
                                describe=f"DCD round {r}: {2 * n} → {n} steps (Δ = 1/{2 * n})"))
         return plans
