@@ -23,12 +23,11 @@ from diffuse.analysis.replay import CSS, canvas_html, stats_line
 from diffuse.core.paths import CONFIG_DIR
 from diffuse.errors import DiffuseError, one_line_errors
 
-KNOBS = ("steps", "span_length", "threshold", "temperature", "top_p", "cache")
 CACHES = ("none", "prefix", "dual")
 FRAME_S = 0.05  # at most 20 canvases a second go to the page
 
 
-def knob_values(steps, span_length, threshold, temperature, top_p, cache) -> dict:
+def knob_values(steps, span_length, threshold, gamma, temperature, top_p, cache) -> dict:
     """The page's knob boxes as sampler keywords: an empty box is None (the sampler's default); whole numbers
     where the sampler counts; `cache` none → null, and the block sampler's `use_cache` follows it."""
 
@@ -49,7 +48,8 @@ def knob_values(steps, span_length, threshold, temperature, top_p, cache) -> dic
     if cache not in CACHES:
         raise DiffuseError(f"cache={cache!r} must be one of {', '.join(CACHES)}")
     return {"steps": whole("steps", steps), "span_length": whole("span_length", span_length),
-            "threshold": number("threshold", threshold), "temperature": number("temperature", temperature),
+            "threshold": number("threshold", threshold), "gamma": number("gamma", gamma),
+            "temperature": number("temperature", temperature),
             "top_p": number("top_p", top_p),
             "cache": None if cache == "none" else cache, "use_cache": None if cache == "none" else True}
 
@@ -85,9 +85,9 @@ def build_app(models: dict[str, Model], compare: Model | None = None):
         with gr.Row():
             length = gr.Number(value=default_length(first), label="length", precision=0)
             # text boxes: empty means the sampler's own default (a number box cannot be empty)
-            steps, span, threshold, temperature, top_p = (
+            steps, span, threshold, gamma, temperature, top_p = (
                 gr.Textbox(value="", placeholder="default", label=label, max_lines=1)
-                for label in ("steps", "span / block length", "threshold", "temperature", "top-p"))
+                for label in ("steps", "span / block length", "threshold", "entropy bound γ", "temperature", "top-p"))
             cache = gr.Dropdown(list(CACHES), value="none", label="cache")
             seed = gr.Number(value=0, label="seed", precision=0)
         with gr.Row():
@@ -102,13 +102,13 @@ def build_app(models: dict[str, Model], compare: Model | None = None):
         scrub = gr.Slider(0, 1, value=0, step=1, label="scrub the trajectory (step)", interactive=True)
         runs = gr.State(None)
 
-        async def generate(ckpt_path, prompt_text, sampler_name, n, s, sp, th, temp, tp, c, seed_value):
+        async def generate(ckpt_path, prompt_text, sampler_name, n, s, sp, th, g, temp, tp, c, seed_value):
             outputs = [""] * 5 + [gr.Slider(), None]
             try:
                 model = models.get(ckpt_path)
                 if model is None:
                     raise DiffuseError(f"checkpoint {ckpt_path!r} was not given at start; choose one of {list(models)}")
-                knobs = knob_values(s, sp, th, temp, tp, c)
+                knobs = knob_values(s, sp, th, g, temp, tp, c)
                 length_n = int(n) if n not in (None, "") and float(n) == int(float(n)) else None
                 if not length_n or length_n <= 0:
                     raise DiffuseError(f"length={n} must be a positive whole number")
@@ -158,7 +158,7 @@ def build_app(models: dict[str, Model], compare: Model | None = None):
                 out[2 * slot: 2 * slot + 2] = panel(model, run, text, int(i))
             return out
 
-        inputs = [ckpt, prompt, sampler, length, steps, span, threshold, temperature, top_p, cache, seed]
+        inputs = [ckpt, prompt, sampler, length, steps, span, threshold, gamma, temperature, top_p, cache, seed]
         event = go.click(generate, inputs, [stats_a, canvas_a, stats_b, canvas_b, status, scrub, runs],
                          api_name="generate", concurrency_limit=1)
         stop.click(None, None, None, cancels=[event])  # a client's job.cancel() does the same

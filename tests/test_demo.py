@@ -58,9 +58,9 @@ def demo(debug_run):
     gr.close_all()
 
 
-def ask(client, ckpt, prompt="The", sampler="llada", length=12, steps="6", span="", threshold="", temperature="",
-        top_p="", cache="none", seed=0):
-    return client.predict(ckpt, prompt, sampler, length, steps, span, threshold, temperature, top_p, cache, seed,
+def ask(client, ckpt, prompt="The", sampler="llada", length=12, steps="6", span="", threshold="", gamma="",
+        temperature="", top_p="", cache="none", seed=0):
+    return client.predict(ckpt, prompt, sampler, length, steps, span, threshold, gamma, temperature, top_p, cache, seed,
                           api_name="/generate")
 
 
@@ -83,6 +83,7 @@ def test_generate_and_compare_show_the_finished_canvases_with_their_costs(demo):
                                            ({"top_p": "1.5"}, "top_p=1.5 must lie in (0, 1]"),
                                            ({"temperature": "hot"}, "temperature='hot' must be a number"),
                                            ({"steps": "2.5"}, "steps=2.5 must be a whole number"),
+                                           ({"sampler": "eb", "gamma": "-1"}, "gamma=-1"),
                                            ({"length": 0}, "length=0 must be a positive whole number"),
                                            ({"sampler": "ddim"}, "sampler=ddim does not decode this checkpoint"),
                                            ({"ckpt": "/etc/passwd"}, "was not given at start")])
@@ -97,7 +98,7 @@ def test_cancel_stops_the_sampler_at_its_next_step(demo):
     client, ckpt, slow, _ = demo
     slow.delay, before = 0.15, slow.calls
     try:
-        job = client.submit(ckpt, "The", "llada", 24, "24", "", "", "", "", "none", 0, api_name="/generate")
+        job = client.submit(ckpt, "The", "llada", 24, "24", "", "", "", "", "", "none", 0, api_name="/generate")
         deadline = time.time() + 30
         while slow.calls - before < 2 and time.time() < deadline:  # the generation is under way
             time.sleep(0.05)
