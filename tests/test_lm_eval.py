@@ -240,3 +240,20 @@ def test_guidance_masks_the_context_for_its_unconditional_pass(peaked):
     bare = [([SPECIAL.bos], CONTINUATION)]
     assert score(bare, 2.0) == pytest.approx(score(bare, 0.0), abs=1e-5)
     assert abs(score([(CONTEXT, CONTINUATION)], 2.0)[0] - score([(CONTEXT, CONTINUATION)], 0.0)[0]) > 0.01
+
+
+def test_rolling_loglikelihood_of_an_ar_model_is_its_exact_loglikelihood_after_bos():
+    """loglikelihood_rolling goes through diffuse.evaluate's bound (evaluation/likelihood.py); for an AR model that is
+    the exact NLL, so it equals loglikelihood of the text after an empty context (BOS) — and a text longer than the
+    rows is scored in windows."""
+    from lm_eval.api.instance import Instance
+
+    from diffuse.evaluation.lm_eval_model import DiffuseLM
+
+    lm = DiffuseLM(ckpt=ckpt("autoregressive"), device="cpu")
+    text = "the cat sat on the mat."
+    rolling = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])[0]
+    exact = lm.loglikelihood([Instance("loglikelihood", {}, ("", text), 0)])[0][0]
+    assert rolling == pytest.approx(exact, abs=1e-4)
+    long = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text * 3,), 0)])[0]
+    assert long < 2 * rolling < 0  # 69 bytes in windows of 31 after BOS: about three times the cost of 23 bytes
