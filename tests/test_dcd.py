@@ -14,7 +14,14 @@ from diffuse.errors import DiffuseError
 from diffuse.objectives.masked_discrete import MaskedDiscrete
 from diffuse.objectives.uniform import Uniform
 from diffuse.schedules import build_schedule
-from tests.conftest import SPECIAL, VOCAB, call_main, packed_batch, tiny_args, tiny_transformer
+from tests.conftest import (
+    SPECIAL,
+    VOCAB,
+    call_main,
+    packed_batch,
+    tiny_args,
+    tiny_transformer,
+)
 
 
 @pytest.mark.parametrize("V", [7, 4096])

@@ -11,9 +11,21 @@ import torch.nn.functional as F
 
 from diffuse.contracts import BLOCK_UNIFORM, UNIFORM
 from diffuse.errors import DiffuseError
-from diffuse.objectives.uniform import Uniform, uniform_nelbo_integrand, uniform_posterior, uniform_prior_kl
+from diffuse.objectives.uniform import (
+    Uniform,
+    uniform_nelbo_integrand,
+    uniform_posterior,
+    uniform_prior_kl,
+)
 from diffuse.schedules import build_schedule
-from tests.conftest import SPECIAL, VOCAB, UniformBlockBackbone, ZeroBackbone, packed_batch, tiny_transformer
+from tests.conftest import (
+    SPECIAL,
+    VOCAB,
+    UniformBlockBackbone,
+    ZeroBackbone,
+    packed_batch,
+    tiny_transformer,
+)
 
 
 def duo_nll_per_token(log_x_theta, xt, x0, alpha_t, dalpha_t, vocab_size):
@@ -136,7 +148,10 @@ def objective(**kw):
 
 def test_loss_ce_of_the_uniform_predictor_is_log_v_and_val_is_the_nelbo():
     batch = packed_batch(4, 16, docs=True)
-    gen = lambda: torch.Generator().manual_seed(0)  # noqa: E731
+
+    def gen():
+        return torch.Generator().manual_seed(0)
+
     ce = objective(loss="ce").loss(ZeroBackbone(), batch, gen(), train=True)
     nelbo = objective(loss="nelbo").loss(ZeroBackbone(), batch, gen(), train=True)
     real = (batch["segment_ids"] > 0) & (batch["input_ids"] != SPECIAL.bos)

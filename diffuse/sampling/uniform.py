@@ -23,7 +23,14 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.contracts import BLOCK_UNIFORM, UNIFORM, Cached, UniformState, block_size_of, is_self_conditioned
+from diffuse.contracts import (
+    BLOCK_UNIFORM,
+    UNIFORM,
+    Cached,
+    UniformState,
+    block_size_of,
+    is_self_conditioned,
+)
 from diffuse.core.checks import check_range
 from diffuse.registry import SAMPLERS
 from diffuse.sampling.base import (
@@ -93,8 +100,8 @@ class UniformAncestralSampler:
             q = objective.posterior(x.double(), z, s.expand(z.shape), t.expand(z.shape))
             new = draw(q, rand_rows(gens, (length,), device))
             ids.scatter_(1, cols, new)
-            rec.step(new, nfe=i + 1, renoised=new != z, committed=(lambda: torch.zeros_like(z, dtype=torch.bool))
-                     if i < self.steps - 1 else None, logp=lambda: q.clamp_min(1e-30).log(), t=float(t))
+            rec.step(new, nfe=i + 1, renoised=new != z, committed=(lambda z=z: torch.zeros_like(z, dtype=torch.bool))
+                     if i < self.steps - 1 else None, logp=lambda q=q: q.clamp_min(1e-30).log(), t=float(t))
         tokens, lengths = trim_at_eos(take_generated(ids, starts, length), special)
         return SampleOutput(tokens, lengths, self.steps, [list(p) for p in prompts],
                             positions=self.steps * ids.shape[1])
@@ -127,9 +134,9 @@ class UniformAncestralSampler:
                                         grid[i].expand(z.shape))
                 new = torch.where(active[:, None], draw(q, rand_rows(gens, (hi - lo,), device, active=active)), z)
                 x[:, lo:hi] = new
-                rec.step(x, nfe=run.nfe, renoised=lambda: new != z, committed=None if i == self.steps - 1 else
-                         (lambda: torch.zeros_like(z, dtype=torch.bool)), logp=lambda: q.clamp_min(1e-30).log(),
-                         t=float(grid[i]), columns=slice(lo, hi))
+                rec.step(x, nfe=run.nfe, renoised=lambda new=new, z=z: new != z, committed=None if i == self.steps - 1
+                         else (lambda z=z: torch.zeros_like(z, dtype=torch.bool)),
+                         logp=lambda q=q: q.clamp_min(1e-30).log(), t=float(grid[i]), columns=slice(lo, hi))
             done |= (x[:, lo:hi] == special.eos).any(1)
             if done.all() or hi == length:
                 break
