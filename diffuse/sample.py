@@ -88,7 +88,7 @@ def trace_target(value, out_dir: Path) -> Path | None:
 
 
 def write_trace(path: Path, traj, tokenizer, special, chunk, seconds: float) -> None:
-    token = lambda i: tokenizer.decode([i])  # noqa: E731
+    token = lambda i: tokenizer.decode([i])
     prompts = [tokenizer.decode(p, skip_special_tokens=True) for p in chunk]
     if not traj.steps:
         raise DiffuseError(f"trace={path}: sampler={traj.sampler} recorded no steps")

@@ -9,19 +9,18 @@ import socket
 import time
 
 import pytest
-from omegaconf import OmegaConf
-
 from conftest import SPECIAL, call_main, tiny_transformer
+from omegaconf import OmegaConf
 
 gradio_client = pytest.importorskip("gradio_client", reason="the [demo] extra (gradio) is not installed")
 
-from diffuse.analysis.live import load_model  # noqa: E402
-from diffuse.analysis.replay import canvas_html, cells, page_html  # noqa: E402
-from diffuse.demo import launch  # noqa: E402
-from diffuse.objectives.masked_discrete import MaskedDiscrete  # noqa: E402
-from diffuse.sampling.llada import LLaDASampler  # noqa: E402
-from diffuse.sampling.trace import recording  # noqa: E402
-from diffuse.schedules import build_schedule  # noqa: E402
+from diffuse.analysis.live import load_model
+from diffuse.analysis.replay import canvas_html, cells, page_html
+from diffuse.demo import launch
+from diffuse.objectives.masked_discrete import MaskedDiscrete
+from diffuse.sampling.llada import LLaDASampler
+from diffuse.sampling.trace import recording
+from diffuse.schedules import build_schedule
 
 
 def free_port() -> int:
@@ -122,7 +121,7 @@ def test_the_renderer_colours_by_commit_step_and_the_page_is_self_contained():
     sampler = LLaDASampler(steps=4, span_length=None)
     with recording(sampler) as traj:
         sampler.generate(tiny_transformer(), MaskedDiscrete(build_schedule("linear"), SPECIAL), [[1, 2]], 4, seed=0)
-    token = lambda i: f"<{i}>"  # noqa: E731  (escaped in the page)
+    token = lambda i: f"<{i}>"
     first, last = cells(traj.steps, 0, token, SPECIAL, 0), cells(traj.steps, 0, token, SPECIAL)
     assert [c.kind for c in first].count("mask") == 3 and sum(c.new for c in first) == 1
     assert sorted(c.step for c in last) == [0, 1, 2, 3]  # one token per step, each coloured by its own step

@@ -8,17 +8,17 @@ import math
 
 import pytest
 import torch
-
 from conftest import SPECIAL, VOCAB, ZeroBackbone, tiny_transformer
+
 from diffuse.objectives.autoregressive import Autoregressive
 from diffuse.objectives.continuous import ContinuousEmbedding
 from diffuse.objectives.masked_discrete import MaskedDiscrete
+from diffuse.objectives.uniform import Uniform
 from diffuse.sampling.ar import ARSampler
 from diffuse.sampling.base import trim_at_eos
 from diffuse.sampling.block import BlockSampler
 from diffuse.sampling.ddim import DDIMSampler
 from diffuse.sampling.drafters import ARDrafter
-from diffuse.objectives.uniform import Uniform
 from diffuse.sampling.llada import EBSampler, LLaDASampler, ThresholdSampler
 from diffuse.sampling.masked import AncestralSampler
 from diffuse.sampling.speculative import SpeculativeSampler

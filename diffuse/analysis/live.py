@@ -101,7 +101,7 @@ class Run:
             self.error = "cancelled"
         except DiffuseError as e:
             self.error = str(e)
-        except Exception as e:  # shown in the page as one line, never a traceback
+        except Exception as e:  # noqa: BLE001  (shown in the page as one line, never a traceback)
             self.error = f"{type(e).__name__}: {e}"
         self.seconds = time.perf_counter() - tic
         self._queue.put(self._done)
