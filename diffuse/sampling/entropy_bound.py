@@ -28,6 +28,8 @@ step `torch.multinomial(probs.view(-1, V), 1)` (float32 probabilities) then the 
 (1, L))` — transformers' calls on its global generator, in its order and shapes, so a single row seeded as
 `torch.manual_seed(seed)` there reproduces `generate` here (tests/test_entropy_bound.py). A row that stopped
 draws nothing more (batch = singles); transformers draws for every row of its batch, so only batch 1 matches.
+A backbone with its own encoder and canvas passes (contracts.EncodesCanvas: model=diffusion_gemma) is decoded by
+sampling/encoder_canvas.py instead, with transformers' one generator for the batch (any batch matches there).
 Differences that are not decisions: EOS and what follows it become PAD and `lengths` count the tokens before it
 (sampling/base.trim_at_eos; transformers keeps the EOS), and `row_nfe` counts the passes that write a finished
 canvas to the cache (transformers' tokens_per_forward counts denoising passes only: `Denoised.steps`).
@@ -40,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffuse.contracts import BLOCK_UNIFORM, UNIFORM, Cached, block_size_of, is_self_conditioned
+from diffuse.contracts import BLOCK_UNIFORM, UNIFORM, Cached, EncodesCanvas, block_size_of, is_self_conditioned
 from diffuse.core.checks import check_order, check_range
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
@@ -55,6 +57,7 @@ from diffuse.sampling.base import (  # noqa: F401 (eb_accept, token_entropy: the
     trim_at_eos,
 )
 from diffuse.sampling.block import _Cached, _Uncached  # the block runners (exact KV cache, or none)
+from diffuse.sampling.encoder_canvas import denoise_canvases  # model=diffusion_gemma's loop (EncodesCanvas)
 from diffuse.sampling.trace import OFF, recorder
 
 
@@ -111,7 +114,8 @@ Logits = Callable[[torch.Tensor, torch.Tensor | None, int], torch.Tensor]
 
 
 class EntropyBoundLoop:
-    """The per-canvas loop of the module docstring over any network (`Logits`), one generator per row."""
+    """The per-canvas loop of the module docstring over any network (`Logits`), one generator per row; its
+    settings (and `eb_step`'s rule) also drive sampling/encoder_canvas.py's batch-generator loop."""
 
     def __init__(self, gamma: float, steps: int, t_min: float, t_max: float,
                  stability_threshold: int | None, confidence_threshold: float | None):
@@ -196,6 +200,10 @@ class EntropyBoundSampler:
     def generate(self, backbone, objective, prompts, length, seed=0) -> SampleOutput:
         if length <= 0:
             raise DiffuseError(f"sampler length={length} must be positive")
+        if isinstance(backbone, EncodesCanvas):  # model=diffusion_gemma: encoder + canvas passes, transformers' batch RNG
+            stop = self.loop.early_stop and (lambda: StableAndConfident(self.loop.stable, self.loop.confidence))
+            return denoise_canvases(backbone, prompts, length, objective.special, self.loop, seed, stop or None,
+                                    recorder(self))
         special, device, B = objective.special, next(backbone.parameters()).device, len(prompts)
         gens, rec = row_generators(seed, B, device), recorder(self)
         size = block_size_of(objective)
