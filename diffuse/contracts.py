@@ -271,6 +271,14 @@ class SelfConditioned(Protocol):
     self_conditioned: bool
 
 
+@runtime_checkable
+class TrainsSelfConditioning(Protocol):
+    """An objective whose loss runs self-conditioning's first pass (objectives/base.py `self_condition_probs`): a
+    self-conditioned backbone is refused (one line) with any other objective, whose training would never use it."""
+
+    trains_self_conditioning: bool
+
+
 def is_self_conditioned(backbone: Any) -> bool:
     """Whether `backbone` takes `prev_probs` (objectives run a first pass for it; samplers pass the last step's)."""
     return isinstance(backbone, SelfConditioned) and bool(backbone.self_conditioned)

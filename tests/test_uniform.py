@@ -252,8 +252,11 @@ def test_absorbing_decode_loop_passes_the_previous_step():
         assert torch.equal(sampler.generate(model, obj, [p], 6, seed=i).tokens[0], out.tokens[i])
 
 
-def test_hybrid_refuses_self_conditioning_in_one_line():
-    from diffuse.objectives.hybrid import Hybrid
+@pytest.mark.parametrize("name", ["autoregressive", "continuous"])  # and hybrid: none of them is TrainsSelfConditioning
+def test_objectives_without_self_conditioning_refuse_it_in_one_line(name, corpus, tmp_path):
+    """Their loss never runs the first pass: the self-conditioning input would stay untrained."""
+    from tests.conftest import call_main, error_lines, tiny_args
 
-    with pytest.raises(DiffuseError, match="model.self_condition=false"):
-        Hybrid(build_schedule("linear"), SPECIAL).check_backbone(tiny_transformer(self_condition=True), "transformer")
+    res = call_main("diffuse.train", *tiny_args(corpus, tmp_path, f"objective={name}", "model.self_condition=true"))
+    assert res.returncode != 0 and len(error_lines(res.stderr)) == 1, res
+    assert "model.self_condition=false" in error_lines(res.stderr)[0]

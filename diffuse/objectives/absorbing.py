@@ -48,6 +48,7 @@ class AbsorbingObjective(nn.Module):
     causal = False
     # the sampler of the full-sequence model; a block diffusion model (`block_size` set) decodes with `block`
     full_sequence_sampler = "remask"
+    trains_self_conditioning = True  # contracts.TrainsSelfConditioning: `conditioned_hidden` in the loss
 
     def __init__(self, schedule: Schedule, special: SpecialTokens, eps: float = 1e-3,
                  min_mask_ratio: float = 0.0, max_mask_ratio: float = 1.0, block_size: int | None = None):

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from diffuse.contracts import AUTOREGRESSIVE, TakesBlockLayout, is_self_conditioned
+from diffuse.contracts import AUTOREGRESSIVE, TakesBlockLayout
 from diffuse.core.checks import check_range
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout
@@ -113,9 +113,6 @@ class Hybrid(nn.Module):
         if backbone.time_conditioned:
             raise DiffuseError("objective=hybrid decodes as an AR model, whose passes carry no t: set "
                                "model.time_conditioning=false")
-        if is_self_conditioned(backbone):
-            raise DiffuseError("objective=hybrid has no self-conditioning (its AR passes have no previous prediction): "
-                               "set model.self_condition=false")
 
     @property
     def draft_block_size(self) -> int:

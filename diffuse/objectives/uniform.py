@@ -93,6 +93,7 @@ def uniform_posterior(x: torch.Tensor, z: torch.Tensor, alpha_s: torch.Tensor, a
 @OBJECTIVES.register("uniform")
 class Uniform(nn.Module):
     causal = False
+    trains_self_conditioning = True  # contracts.TrainsSelfConditioning: `conditioned_hidden` in the loss
 
     def __init__(self, schedule: Schedule, special: SpecialTokens, loss: str = "nelbo", eps: float = 1e-3,
                  block_size: int | None = None):

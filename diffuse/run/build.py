@@ -14,7 +14,9 @@ from diffuse.contracts import (
     Objective,
     Regularizer,
     Sampler,
+    TrainsSelfConditioning,
     check_contract,
+    is_self_conditioned,
 )
 from diffuse.data import TextDataModule
 from diffuse.errors import DiffuseError
@@ -120,6 +122,9 @@ def build_module(cfg, tokenizer, run_config: dict[str, Any] | None = None, sampl
     objective = build_objective(cfg, tokenizer)
     if isinstance(objective, ChecksBackbone):  # an objective that needs more of the backbone says so in one line
         objective.check_backbone(backbone, as_dict(cfg.model).get("name"))
+    if is_self_conditioned(backbone) and not isinstance(objective, TrainsSelfConditioning):
+        raise DiffuseError(f"objective={objective.registry_name} does not train self-conditioning: set "
+                           "model.self_condition=false (objective=masked_discrete, llada and uniform train it)")
     declared, used = getattr(backbone, "mask_token_id", None), getattr(getattr(objective, "special", None), "mask", None)
     if declared is not None and used is not None and declared != used:  # a pretrained diffusion model's own [MASK]
         raise DiffuseError(f"model.mask_token_id={declared} is not the [MASK] the objective uses (id {used}: the "
