@@ -9,6 +9,7 @@ import socket
 import time
 
 import pytest
+import torch
 from conftest import SPECIAL, call_main, tiny_transformer
 from omegaconf import OmegaConf
 
@@ -99,8 +100,10 @@ def test_cancel_stops_the_sampler_at_its_next_step(demo):
     try:
         job = client.submit(ckpt, "The", "llada", 24, "24", "", "", "", "", "", "none", 0, api_name="/generate")
         deadline = time.time() + 30
-        while slow.calls - before < 2 and time.time() < deadline:  # the generation is under way
+        while not job.outputs() and time.time() < deadline:  # the canvas is streamed while the sampler runs
             time.sleep(0.05)
+        streamed = job.outputs()[-1][1]
+        assert 'class="dl-canvas"' in streamed and "▒" in streamed  # a canvas with masks left: mid-generation
         job.cancel()  # what the page's Cancel button does: the server cancels the event
         time.sleep(0.6)
         stopped = slow.calls
@@ -130,6 +133,23 @@ def test_the_renderer_colours_by_commit_step_and_the_page_is_self_contained():
         traj.steps, 0, token, SPECIAL, "a<b").replace("<b>", "")
     page = page_html(traj.steps, [0], token, SPECIAL, ["p"])
     assert "http" not in page and page.count("dl-canvas\\") >= 4  # four frames inlined, nothing fetched
+
+
+def test_a_revision_and_renoised_noise_are_drawn_as_such():
+    """A uniform-state style trajectory written through the hook: position 0 committed twice (revised), position 1
+    renoised and never committed (noise), position 2 still masked."""
+    from diffuse.sampling.trace import Recorder
+
+    rec = Recorder()
+    rec.step(torch.tensor([[5, 6, SPECIAL.mask]]), nfe=1, committed=torch.tensor([[True, False, False]]),
+             renoised=torch.tensor([[False, True, False]]))
+    rec.step(torch.tensor([[7, 8, SPECIAL.mask]]), nfe=2, committed=torch.tensor([[True, False, False]]),
+             renoised=torch.tensor([[False, True, False]]))
+    c = cells(rec.trajectory.steps, 0, str, SPECIAL)
+    assert [x.kind for x in c] == ["token", "noise", "mask"] and [x.text for x in c[:2]] == ["7", "8"]
+    assert c[0].revised and c[0].step == 1 and c[0].new and not c[1].new
+    html = canvas_html(rec.trajectory.steps, 0, str, SPECIAL)
+    assert "dl-revised" in html and "dl-noise" in html and "dl-mask" in html
 
 
 def test_sample_writes_an_html_replay_and_a_gif(debug_run, tmp_path):
