@@ -174,8 +174,8 @@ def launch(cfg: DictConfig, block: bool = True, models: dict[str, Model] | None 
     models = models or {str(cfg.ckpt): load_model(str(cfg.ckpt))}
     if compare is None and cfg.get("compare"):
         compare = load_model(str(cfg.compare))
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline: nothing phones home
     app = build_app(models, compare)
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     app.queue(default_concurrency_limit=1)
     app.launch(server_name=cfg.host, server_port=cfg.port, css=CSS, prevent_thread_lock=not block,
                share=False, show_error=False)
@@ -184,6 +184,7 @@ def launch(cfg: DictConfig, block: bool = True, models: dict[str, Model] | None 
 
 @one_line_errors
 def demo(cfg: DictConfig):
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported: it reads it then
     try:
         import gradio  # noqa: F401
     except ImportError:
