@@ -29,6 +29,9 @@ KNOWN = {
     ("model", "hf"): {"config": "model=hf: models/hf.py HFCausalLM(config=None) vs conf/model/hf.yaml's tiny Llama "
                                 "config; built from Python alone (no base_model) it fails for want of "
                                 "model.config.model_type"},
+    ("model", "diffusion_gemma"): {"config": "model=diffusion_gemma: models/diffusion_gemma.py (config=None) vs "
+                                             "the yaml's tiny text config; built from Python alone it needs "
+                                             "model.path or model.config"},
 }
 
 
