@@ -5,10 +5,12 @@ Per canvas of C tokens: the committed tokens so far go through the causal encode
 the canvas starts as uniform random tokens; each of at most N steps runs the bidirectional decoder on it with the
 previous step's (temperature-scaled) logits as self-conditioning, draws a candidate per position from softmax(z/T)
 with T = t_min + (t_max − t_min)·n/N at step n = N…1, keeps the lowest-entropy positions whose summed entropy
-minus its largest term stays ≤ γ (entropy_bound, at least one), renoises every other position, and, with adaptive
-stopping, freezes a row once its argmax canvas has not changed for `stability` steps and its mean entropy is below
-`confidence`; the canvas commits its last argmax. A row with an EOS in a committed canvas is finished: later
-canvases are PAD for it.
+minus its largest term stays ≤ γ (`gamma`, at least one), renoises every other position, and, with adaptive
+stopping, freezes a row once its argmax canvas has not changed for `stability_threshold` steps and its mean entropy
+is below `confidence_threshold`; the canvas commits its last argmax. A row with an EOS in a committed canvas is
+finished: later canvases are PAD for it. `row_nfe` counts the denoising passes each row ran before it stopped or
+finished (what transformers' `tokens_per_forward` divides by), `nfe` those of the batch; the encoder's passes show
+only in `positions`.
 
 This is transformers' `DiffusionGemmaGenerationMixin.generate` (dynamic cache) step for step, random draws
 included: one generator for the batch, drawn in its order (randint canvas; per step multinomial, then randint
