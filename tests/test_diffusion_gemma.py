@@ -126,6 +126,8 @@ def test_backbone_contract_and_passes(gemma):
     torch.testing.assert_close(ours, ref)
     with pytest.raises(DiffuseError, match="bidirectional pass is encode"):
         gemma(ids)
+    with pytest.raises(DiffuseError, match="generic call takes no cache"):  # sampler=ar's cached call, not ignored
+        gemma(ids, causal=True, cache=gemma.new_cache(0))
 
 
 def test_bad_construction_is_one_line(tmp_path):

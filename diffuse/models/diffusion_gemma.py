@@ -80,9 +80,13 @@ class DiffusionGemma(nn.Module):
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.model.model.decoder.embed_tokens(ids)
 
-    def forward(self, ids=None, embeds=None, t=None, segment_ids=None, causal=False, **kwargs):
+    def forward(self, ids=None, embeds=None, t=None, segment_ids=None, causal=False, **unsupported):
         """Hidden states [B, L, D] of the encoder's causal pass (what writes the KV cache). Padding (segment 0)
-        is masked; packed documents are not told apart (this model takes one document a row)."""
+        is masked; packed documents are not told apart (this model takes one document a row). What other
+        backbones take besides (a `cache=` of sampler=ar, a block `layout=`) is refused in one line, not ignored."""
+        if unsupported:
+            raise DiffuseError(f"model=diffusion_gemma's generic call takes no {', '.join(sorted(unsupported))}: "
+                               "decode it with sampler=entropy_bound (objective=diffusion_gemma)")
         if embeds is not None or not causal:
             raise DiffuseError("model=diffusion_gemma runs token ids causally here; its bidirectional pass is "
                                "encode + denoise (objective=diffusion_gemma, sampler=entropy_bound)")
