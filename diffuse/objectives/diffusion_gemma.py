@@ -109,7 +109,7 @@ class DiffusionGemmaRecipe(nn.Module):
                 log_x, z[valid], x0[valid], sched.alpha(t_tok), sched.alpha_prime(t_tok)) + float(prior)
             conf, pred = log_x.exp().max(-1)
         return LossOutput(loss=loss, nll_sum=nll.sum(), n_tokens=n_tokens,
-                          metrics={"ce": ce.detach().mean(), "ar_loss": ar.detach(),
+                          metrics={"ce": ce.detach().sum() / n_tokens.clamp_min(1), "ar_loss": ar.detach(),
                                    "self_conditioned": on.float().mean()},
                           token_correct=(pred == x0[valid]).float(), token_confidence=conf,
                           token_level=self.noise.noise_level(t_tok).float())
