@@ -70,6 +70,42 @@ def uniform_nelbo_integrand(log_x_theta: torch.Tensor, z: torch.Tensor, x0: torc
     return da / (V * a) * (V / xbar_i - V / xbar_theta_i - log_ratio_sum)
 
 
+def nelbo_from_logits(logits: torch.Tensor, z: torch.Tensor, x0: torch.Tensor, alpha: torch.Tensor,
+                      dalpha: torch.Tensor) -> torch.Tensor:
+    """`uniform_nelbo_integrand` of softmax(logits) [N, V] with its gradient written out (`_NelboFromLogits`):
+    autograd through the formula keeps about five [N, V] tensors for backward, this keeps the logits alone."""
+    return _NelboFromLogits.apply(logits, z, x0, alpha.to(logits.dtype), dalpha.to(logits.dtype))
+
+
+class _NelboFromLogits(torch.autograd.Function):
+    """With p = softmax(ℓ), A = Vα, B = 1 − α, x̄_θ = A·p + B and c = α′/(Vα), the integrand is
+        f = c·[V/x̄_i − V/x̄_θ,i − (V/x̄_i)(log x̄_θ,i − log x̄_i) − (C − B·Σ_j log x̄_θ,j − A·log x̄_θ,x)/x̄_i]
+    so ∂f/∂p_j = c·[B·A/(x̄_i·x̄_θ,j) + 1[j=i]·(V·A/x̄_θ,i² − V·A/(x̄_i·x̄_θ,i)) + 1[j=x]·A²/(x̄_i·x̄_θ,x)]
+    and ∂f/∂ℓ = p ⊙ (∂f/∂p − ⟨p, ∂f/∂p⟩) (tests/test_uniform.py checks it against autograd in float64)."""
+
+    @staticmethod
+    def forward(ctx, logits, z, x0, alpha, dalpha):
+        lse = logits.logsumexp(-1, keepdim=True)
+        ctx.save_for_backward(logits, lse, z, x0, alpha, dalpha)
+        return uniform_nelbo_integrand(logits - lse, z, x0, alpha, dalpha)
+
+    @staticmethod
+    def backward(ctx, grad):
+        logits, lse, z, x0, alpha, dalpha = ctx.saved_tensors
+        V = logits.shape[-1]
+        A, B = (V * alpha)[:, None], (1 - alpha)[:, None]
+        p = (logits - lse).exp_()
+        xbar_theta = p * A + B
+        xbar_i = ((1 - alpha) + V * alpha * (z == x0))[:, None]
+        c = (dalpha / (V * alpha))[:, None]
+        xt_i, xt_x = xbar_theta.gather(1, z[:, None]), xbar_theta.gather(1, x0[:, None])
+        g = xbar_theta.reciprocal_().mul_(c * B * A / xbar_i)  # the term every j has (reuses x̄_θ's memory)
+        g.scatter_add_(1, z[:, None], c * (V * A / xt_i.square() - V * A / (xbar_i * xt_i)))
+        g.scatter_add_(1, x0[:, None], c * A.square() / (xbar_i * xt_x))
+        g.sub_((p * g).sum(-1, keepdim=True)).mul_(p).mul_(grad[:, None])
+        return g, None, None, None, None
+
+
 def uniform_prior_kl(alpha: torch.Tensor, V: int) -> torch.Tensor:
     """KL(Cat(α·x + (1 − α)/V) ‖ Uniform(V)) per token: the prior term at the end of the time range."""
     a = alpha.double()
@@ -196,16 +232,19 @@ class Uniform(nn.Module):
         z = self.corrupt(x0, t, self.draw_noise(x0, generator), batch)
         where = self.noisable(batch)
         h = self.conditioned_hidden(backbone, z, t, batch, generator, train)
-        log_x = backbone.logits(h[where]).float().log_softmax(-1)  # [N, V]
-        t_tok = torch.broadcast_to(t, where.shape)[where].to(log_x.dtype)
+        logits = backbone.logits(h[where]).float()  # [N, V]
+        t_tok = torch.broadcast_to(t, where.shape)[where].to(logits.dtype)
         alpha, dalpha = self.schedule.alpha(t_tok), self.schedule.alpha_prime(t_tok)
-        prior = uniform_prior_kl(self.schedule.alpha(torch.tensor(self.t_max, dtype=torch.float64)), log_x.shape[-1])
-        nll = (self.t_max - self.eps) * uniform_nelbo_integrand(log_x, z[where], x0[where], alpha, dalpha) + float(prior)
+        prior = uniform_prior_kl(self.schedule.alpha(torch.tensor(self.t_max, dtype=torch.float64)), logits.shape[-1])
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.loss_kind == "nelbo"):
+            integrand = nelbo_from_logits(logits, z[where], x0[where], alpha, dalpha)
+        nll = (self.t_max - self.eps) * integrand + float(prior)
         n_tokens = where.sum()
-        ce = -log_x.gather(-1, x0[where][:, None]).squeeze(-1)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.loss_kind == "ce"):
+            ce = F.cross_entropy(logits, x0[where], reduction="none")
         loss = (nll if self.loss_kind == "nelbo" else ce).sum() / n_tokens.clamp_min(1)
         with torch.no_grad():
-            conf, pred = log_x.exp().max(-1)
+            conf, pred = logits.softmax(-1).max(-1)
             changed = z[where] != x0[where]
         return LossOutput(
             loss=loss,
