@@ -281,3 +281,19 @@ def test_nelbo_from_logits_has_autograds_gradient():
     torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(grad_ours, grad_ref, rtol=1e-9, atol=1e-12)
     assert grad_ref.abs().max() > 1e-3  # the gradient is not trivially zero
+
+
+def test_block_sampler_passes_the_previous_step_and_its_cache_stays_exact():
+    from diffuse.objectives.masked_discrete import MaskedDiscrete
+    from diffuse.sampling.block import BlockSampler
+
+    model = tiny_transformer(self_condition=True)
+    torch.nn.init.normal_(model.self_cond.mlp.down.weight, std=0.2)
+    seen = []
+    model.register_forward_hook(lambda m, args, kw, out: seen.append("prev_probs" in kw), with_kwargs=True)
+    obj = MaskedDiscrete(build_schedule("linear"), SPECIAL, block_size=4)
+    prompts = [[1, 2, 3], [4]]
+    cached = BlockSampler(steps=4, use_cache=True).generate(model, obj, prompts, 8, seed=0)
+    assert True in seen and seen[0] is False
+    uncached = BlockSampler(steps=4, use_cache=False).generate(model, obj, prompts, 8, seed=0)
+    assert torch.equal(cached.tokens, uncached.tokens)

@@ -88,7 +88,8 @@ def test_train_uniform_self_conditioned_and_sample(corpus, tmp_path):
 
 
 def test_block_uniform_cache_is_exact_and_batch_equals_singles():
-    model = tiny_transformer(time_conditioning=True)
+    model = tiny_transformer(time_conditioning=True, self_condition=True)
+    torch.nn.init.normal_(model.self_cond.mlp.down.weight, std=0.2)  # the previous step's probabilities matter
     obj = Uniform(build_schedule("linear"), SPECIAL, block_size=4)
     sampler = UniformAncestralSampler(steps=3)
     prompts = [[1, 2, 3, 4, 5], [6]]
@@ -98,6 +99,7 @@ def test_block_uniform_cache_is_exact_and_batch_equals_singles():
         def __init__(self, inner):
             super().__init__()
             self.inner, self.vocab_size, self.time_conditioned = inner, inner.vocab_size, inner.time_conditioned
+            self.self_conditioned = inner.self_conditioned
 
         def forward(self, **kw):
             return self.inner(**kw)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.contracts import BLOCK_ABSORBING, Absorbing, Blockwise, Cached, block_size_of
+from diffuse.contracts import BLOCK_ABSORBING, Absorbing, Blockwise, Cached, block_size_of, is_self_conditioned
 from diffuse.core.checks import check_range
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout
@@ -96,14 +96,16 @@ class BlockSampler:
             cost.per_row += -(-head_seg.sum(1) // size)
         grid = self.schedule.grid(self.steps, self.eps, device)  # every block runs on the same time grid
         rec = recorder(self)  # OFF unless traced (sampling/trace.py)
+        self_cond = is_self_conditioned(backbone)  # each step reads the block's previous probabilities
         for lo in range(0, length, size):
-            hi = min(length, lo + size)
+            hi, prev = min(length, lo + size), None
             for i in range(self.steps):
                 masked = (x[:, lo:hi] == special.mask) & ~done[:, None]
                 active = masked.any(1)
                 if not active.any():
                     break
-                logp = objective.log_probs(backbone.logits(run.block(x, lo, hi, grid[i])), x[:, lo:hi])
+                logp = objective.log_probs(backbone.logits(run.block(x, lo, hi, grid[i], prev)), x[:, lo:hi])
+                prev = logp.exp() if self_cond else None
                 cost.forward(active)
                 proposal = sample_tokens(logp, self.temperature, gens, active=active)
                 last = i == self.steps - 1
@@ -136,14 +138,16 @@ class _Cached:
             a = max(0, start)
             self._run(head[:, a:start + size], head_seg[:, a:start + size], 0.0)
 
-    def _run(self, ids, seg, t):
+    def _run(self, ids, seg, t, prev=None):
         self.nfe += 1
         self.positions += ids.shape[1]
-        return self.backbone(ids=ids, segment_ids=seg, t=_time(ids.shape[0], t, ids.device), cache=self.cache)
+        extra = {} if prev is None else {"prev_probs": prev}
+        return self.backbone(ids=ids, segment_ids=seg, t=_time(ids.shape[0], t, ids.device), cache=self.cache, **extra)
 
-    def block(self, x, lo, hi, t):
+    def block(self, x, lo, hi, t, prev=None):
+        """`prev`: self-conditioning's previous probabilities of the block [B, hi − lo, V] (None: nothing)."""
         kept = self.cache.length
-        hidden = self._run(x[:, lo:hi], torch.ones_like(x[:, lo:hi]), t)
+        hidden = self._run(x[:, lo:hi], torch.ones_like(x[:, lo:hi]), t, prev)
         self.cache.truncate(kept)  # a denoising step is seen by nothing after it
         return hidden
 
@@ -160,7 +164,7 @@ class _Uncached:
         self.backbone, self.head, self.head_seg, self.size = backbone, head, head_seg, size
         self.nfe = self.positions = 0
 
-    def block(self, x, lo, hi, t):
+    def block(self, x, lo, hi, t, prev=None):
         W, B = self.head.shape[1], self.head.shape[0]
         ids = torch.cat([self.head, x[:, :hi]], 1)
         seg = torch.cat([self.head_seg, torch.ones_like(x[:, :hi])], 1)
@@ -170,7 +174,8 @@ class _Uncached:
         times[:, W + lo:] = float(t)  # the block being denoised is at t; the prefix is clean
         self.nfe += 1
         self.positions += W + hi
-        return self.backbone(ids=ids, segment_ids=seg, t=times, layout=layout)[:, W + lo:]
+        extra = {} if prev is None else {"prev_probs": torch.cat([prev.new_zeros(B, W + lo, prev.shape[-1]), prev], 1)}
+        return self.backbone(ids=ids, segment_ids=seg, t=times, layout=layout, **extra)[:, W + lo:]
 
     def commit(self, x, lo, hi) -> bool:
         return False  # nothing to write: the next step re-runs the canvas

@@ -110,7 +110,7 @@ class UniformAncestralSampler:
         """Block diffusion (objective.block_size): blocks of `size` left to right, each from random tokens through
         `steps` posterior steps on its own grid 1 → 0, reading the committed prefix through sampler=block's exact
         KV cache (or the uncached block-causal canvas for a backbone without one: the same tokens). A row stops
-        after the block holding its first EOS. No self-conditioning here (the block passes read nothing)."""
+        after the block holding its first EOS. A self-conditioned backbone reads the block's previous step."""
         special, device, B = objective.special, next(backbone.parameters()).device, len(prompts)
         head, head_seg = left_padded(prompts, special, device)
         gens = row_generators(seed, B, device)
@@ -121,13 +121,14 @@ class UniformAncestralSampler:
         if cached:  # the prompt's prefill: alone, a row runs its own prompt's blocks
             cost.per_row += -(-head_seg.sum(1) // size)
         grid = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64, device=device)
-        rec = recorder(self)
+        rec, self_cond = recorder(self), is_self_conditioned(backbone)
         for lo in range(0, length, size):
-            hi, active = min(length, lo + size), ~done
+            hi, active, prev = min(length, lo + size), ~done, None
             start = (rand_rows(gens, (hi - lo,), device, active=active) * backbone.vocab_size).long()
             x[:, lo:hi] = torch.where(active[:, None], start.clamp_max(backbone.vocab_size - 1), x[:, lo:hi])
             for i in range(self.steps):
-                logits = backbone.logits(run.block(x, lo, hi, float(grid[i])))
+                logits = backbone.logits(run.block(x, lo, hi, float(grid[i]), prev))
+                prev = logits.float().softmax(-1) if self_cond else None
                 cost.forward(active)
                 z = x[:, lo:hi]
                 q = objective.posterior(self.x_theta(logits).double(), z, grid[i + 1].expand(z.shape),
