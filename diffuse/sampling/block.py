@@ -30,12 +30,25 @@ from __future__ import annotations
 
 import torch
 
-from diffuse.contracts import BLOCK_ABSORBING, Absorbing, Blockwise, Cached, block_size_of, is_self_conditioned
+from diffuse.contracts import (
+    BLOCK_ABSORBING,
+    Absorbing,
+    Blockwise,
+    Cached,
+    block_size_of,
+    is_self_conditioned,
+)
 from diffuse.core.checks import check_range
 from diffuse.errors import DiffuseError
 from diffuse.models.layers import BlockLayout
 from diffuse.registry import SAMPLERS
-from diffuse.sampling.absorbing import REMASKING, CommitTopK, EntropyBounded, even_share, one_per_step
+from diffuse.sampling.absorbing import (
+    REMASKING,
+    CommitTopK,
+    EntropyBounded,
+    even_share,
+    one_per_step,
+)
 from diffuse.sampling.base import (
     RowCost,
     SampleOutput,
