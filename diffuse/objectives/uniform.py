@@ -240,12 +240,14 @@ class Uniform(nn.Module):
             integrand = nelbo_from_logits(logits, z[where], x0[where], alpha, dalpha)
         nll = (self.t_max - self.eps) * integrand + float(prior)
         n_tokens = where.sum()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.loss_kind == "ce"):
+        if self.loss_kind == "ce":
             ce = F.cross_entropy(logits, x0[where], reduction="none")
+        with torch.no_grad():  # the token stats (and the metric CE) from one logsumexp, no [N, V] softmax
+            lse, (top, pred) = logits.logsumexp(-1), logits.max(-1)
+            conf, changed = (top - lse).exp(), z[where] != x0[where]
+            if self.loss_kind == "nelbo":
+                ce = lse - logits.gather(-1, x0[where][:, None]).squeeze(-1)
         loss = (nll if self.loss_kind == "nelbo" else ce).sum() / n_tokens.clamp_min(1)
-        with torch.no_grad():
-            conf, pred = logits.softmax(-1).max(-1)
-            changed = z[where] != x0[where]
         return LossOutput(
             loss=loss,
             nll_sum=nll.detach().sum(),
