@@ -19,8 +19,9 @@ $(VENV)/.installed: pyproject.toml setup.py constraints-cpu.txt
 train: install
 	$(OFFLINE) $(PY) -m diffuse.train $(ARGS)
 
+# Two pytest workers (pytest-xdist): the tests run one torch thread each, so two cores run two at once.
 test: install
-	$(OFFLINE) $(PY) -m pytest tests $(ARGS)
+	$(OFFLINE) $(PY) -m pytest -n 2 tests $(ARGS)
 
 clean:
 	rm -rf $(VENV) experiments/runs .pytest_cache
