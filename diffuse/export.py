@@ -140,7 +140,11 @@ def load_exported(folder: str):
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="export")
 @one_line_errors
 def main(cfg: DictConfig) -> None:
-    path = export(cfg.ckpt, cfg.out, bool(cfg.get("overwrite", False)), str(cfg.get("format", "diffuse")))
+    merge_lora = cfg.get("merge_lora", False)
+    if not isinstance(merge_lora, bool):  # bool("false") is True: a typo would fold (or refuse) silently
+        raise DiffuseError(f"merge_lora={merge_lora} must be true or false")
+    path = export(cfg.ckpt, cfg.out, bool(cfg.get("overwrite", False)), str(cfg.get("format", "diffuse")),
+                  merge_lora)
     print(f"exported to {path}")
 
 

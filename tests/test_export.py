@@ -48,3 +48,16 @@ def test_an_export_folder_that_cannot_be_made_is_one_line(debug_run, tmp_path):
                        f"out={tmp_path / 'afile' / 'inside'}")
     assert result.returncode == 2, result
     assert error_lines(result.stderr) == [f"error: out={tmp_path / 'afile' / 'inside'} cannot be created (Not a directory)"]
+
+
+def test_the_command_passes_merge_lora(debug_run, tmp_path):
+    """conf/export.yaml's merge_lora reaches export() (it was dropped: a LoRA-less run 'merged' without a word)."""
+    from conftest import call_main, error_lines
+
+    ckpt = debug_run / "checkpoints" / "last.ckpt"
+    result = call_main("diffuse.export", f"ckpt={ckpt}", f"out={tmp_path / 'm'}", "merge_lora=true")
+    assert result.returncode == 2 and error_lines(result.stderr)[0].startswith(
+        "error: merge_lora=true, but this run has no LoRA adapters"), result
+    result = call_main("diffuse.export", f"ckpt={ckpt}", f"out={tmp_path / 'm'}", "merge_lora=maybe")
+    assert error_lines(result.stderr) == ["error: merge_lora=maybe must be true or false"], result
+    assert not (tmp_path / "m").exists()
