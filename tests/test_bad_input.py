@@ -103,6 +103,7 @@ LONG_PROMPT = " ".join(str(i) for i in range(40))  # ≥ 40 tokens: past the deb
 @pytest.mark.parametrize("args,culprits", [
     (["ckpt=/no/such/file.ckpt"], ["ckpt=/no/such/file.ckpt"]),
     (["length=0"], ["length=0"]),
+    (["device=tpu"], ["device=tpu"]),
     (["steps=0", "sampler=remask"], ["sampler.steps=0"]),
     (["temperature=-1"], ["sampler.temperature=-1"]),
     (["temperature=-1", "sampler=ancestral"], ["sampler.temperature=-1"]),

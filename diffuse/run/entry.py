@@ -40,7 +40,10 @@ def pick_device(name: str) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise DiffuseError("device=cuda but no CUDA device is available; use device=cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError:  # torch's message lists ~20 device types: name ours
+        raise DiffuseError(f"device={name} is not a device: use device=auto, cpu or cuda") from None
 
 
 def sampler_spec(cfg, train_cfg, objective, shorthands=SHORTHANDS) -> dict:
