@@ -167,6 +167,18 @@ def test_the_prompt_is_the_context_and_targets_are_canvas_aligned():
     assert seen == {4, 4 + C}  # either canvas of row 0's answer
 
 
+def test_each_rank_draws_its_rows_canvas():
+    """Under DDP (a sharded generator) a rank's canvas choice is its rows of the one-process draw, as every
+    objective's noise is (core/noise.py batch_draw): torch.rand(B) gave each rank the first B draws."""
+    from diffuse.core.noise import noise_generator
+
+    batch = {k: v.repeat(3, 1) for k, v in sft_batch().items()}  # 6 rows
+    whole = recipe().split(batch, C, noise_generator(3, 7, "cpu"))[1].sum(1)
+    for rank in range(2):
+        rows = {k: v[rank::2] for k, v in batch.items()}
+        mine = recipe().split(rows, C, noise_generator(3, 7, "cpu", rank=rank, world_size=2))[1].sum(1)
+        assert torch.equal(mine, whole[rank::2]), rank
+
 def test_one_training_step_is_finite_and_reaches_every_weight():
     torch.manual_seed(1)
     model = DiffusionGemma(V, config=TEXT, canvas_length=C)

@@ -27,6 +27,7 @@ from torch import nn
 
 from diffuse.contracts import BLOCK_UNIFORM, EncodesCanvas
 from diffuse.core.checks import check_range
+from diffuse.core.noise import batch_draw
 from diffuse.errors import DiffuseError
 from diffuse.objectives.base import LossOutput, SpecialTokens, noisable_positions
 from diffuse.objectives.uniform import Uniform, uniform_nelbo_integrand, uniform_prior_kl
@@ -64,7 +65,7 @@ class DiffusionGemmaRecipe(nn.Module):
         target = noisable_positions(batch, (self.special.bos,))
         start = torch.where(target.any(1), target.long().argmax(1), n).clamp_min(1)  # the context is never empty
         blocks = (n - start).clamp_min(0).add(C - 1).div(C, rounding_mode="floor")
-        u = torch.rand(B, generator=generator, device=ids.device)
+        u = batch_draw(torch.rand, (B,), generator, device=ids.device)  # DDP: this rank's rows of the global draw
         k = (u * blocks).long().clamp_max((blocks - 1).clamp_min(0))
         ctx_len = start + k * C
         W = int(ctx_len.max())
@@ -95,7 +96,7 @@ class DiffusionGemmaRecipe(nn.Module):
         positions = torch.arange(W, W + C, device=z.device)[None]
         with torch.no_grad():
             first = backbone.denoise(z, cache, dec_mask, positions)
-        on = (torch.rand(B, generator=generator, device=z.device) < self.sc_p) if train else torch.ones_like(valid[:, 0])
+        on = (batch_draw(torch.rand, (B,), generator, device=z.device) < self.sc_p) if train else torch.ones_like(valid[:, 0])
         logits = backbone.denoise(z, cache, dec_mask, positions, self_conditioning_logits=first,
                                   self_conditioning_mask=on)
         log_x = logits[valid].float().log_softmax(-1)
