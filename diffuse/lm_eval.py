@@ -38,6 +38,9 @@ def task_names(tasks) -> list[str]:
 
 
 def task_manager(cfg, out_dir: Path) -> TaskManager:
+    for key in ("builtin_tasks", "log_samples"):  # bool("false") is True: a typo would be taken as true
+        if not isinstance(cfg.get(key), bool):
+            raise DiffuseError(f"{key}={cfg.get(key)} must be true or false")
     folders = []
     if cfg.get("task_dir") is not None:
         if not Path(cfg.task_dir).is_dir():

@@ -148,6 +148,9 @@ def test_bad_input_is_one_line(tmp_path):
         "error: tasks: diffuse_clozee is not a task lm-eval knows (did you mean diffuse_cloze?) among task_dir's (builtin_tasks=false)"]
     odd = call_main("diffuse.lm_eval", f"ckpt={ckpt('autoregressive')}", "tasks=diffuse_cloze", "mc_samples=3", *common)
     assert odd.returncode == 2 and "mc_samples=3 must be an even integer" in error_lines(odd.stderr)[0]
+    maybe = call_main("diffuse.lm_eval", f"ckpt={ckpt('autoregressive')}", "tasks=diffuse_cloze", *common,
+                      "builtin_tasks=maybe")  # the last value given wins
+    assert error_lines(maybe.stderr) == ["error: builtin_tasks=maybe must be true or false"], maybe
 
 
 def test_block_diffusion_estimate_is_the_sum_of_each_blocks_enumerated_elbo(peaked):
