@@ -162,24 +162,6 @@ class EntropyBoundLoop:
         return Denoised(tokens, steps)
 
 
-class _SelfConditioning:
-    """The backbone as the block runners (sampling/block.py) call it, with `prev_probs` [B, b, V] of the block
-    placed on the call's last b positions (the block; zeros before it, nothing once `prev` is None)."""
-
-    def __init__(self, backbone):
-        self.backbone, self.prev = backbone, None
-
-    def __call__(self, ids, **kw):
-        if self.prev is not None and is_self_conditioned(self.backbone):
-            full = self.prev.new_zeros(*ids.shape, self.prev.shape[-1])
-            full[:, ids.shape[1] - self.prev.shape[1]:] = self.prev
-            kw["prev_probs"] = full
-        return self.backbone(ids=ids, **kw)
-
-    def __getattr__(self, name):
-        return getattr(self.backbone, name)
-
-
 @SAMPLERS.register("entropy_bound")
 class EntropyBoundSampler:
     """DiffusionGemma's decoding (module docstring) for uniform-state objectives: block by block with the exact
@@ -233,13 +215,14 @@ class EntropyBoundSampler:
     def _blocks(self, backbone, objective, prompts, length, size, gens, rec) -> SampleOutput:
         special, device, B = objective.special, next(backbone.parameters()).device, len(prompts)
         head, head_seg = left_padded(prompts, special, device)
-        net = _SelfConditioning(backbone)
+        self_cond = is_self_conditioned(backbone)  # the block runners place the block's prev_probs
         cached = isinstance(backbone, Cached)
         use_cache = cached if self.use_cache is None else bool(self.use_cache)
         if use_cache and not cached:
             raise DiffuseError(f"sampler.use_cache=true, but {type(backbone).__name__} has no KV cache: use "
                                "sampler.use_cache=null (the cache where there is one) or false")
-        run = _Cached(net, head, head_seg, size, length) if use_cache else _Uncached(net, head, head_seg, size)
+        run = (_Cached(backbone, head, head_seg, size, length) if use_cache
+               else _Uncached(backbone, head, head_seg, size))
         cost = RowCost(B, False, device)
         if use_cache:
             cost.per_row += -(-head_seg.sum(1) // size)
@@ -250,13 +233,11 @@ class EntropyBoundSampler:
 
             def logits_of(canvas, prev, left, lo=lo, hi=hi):
                 x[:, lo:hi] = canvas
-                net.prev = prev
-                return backbone.logits(run.block(x, lo, hi, left / self.loop.steps))
+                return backbone.logits(run.block(x, lo, hi, left / self.loop.steps, prev if self_cond else None))
 
             out = self.loop.denoise(logits_of, ~done, hi - lo, backbone.vocab_size, gens, device,
                                     self._trace(rec, slice(lo, hi), lambda: run.nfe,
                                                 lambda c, lo=lo, hi=hi: torch.cat([x[:, :lo], c, x[:, hi:]], 1)))
-            net.prev = None  # the committed block is clean: nothing to self-condition on
             cost.per_row += out.steps
             x[:, lo:hi] = torch.where(done[:, None], special.pad, out.tokens)
             done |= (x[:, lo:hi] == special.eos).any(1)
