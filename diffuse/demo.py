@@ -12,6 +12,7 @@ knob value shows one line in the page, never a traceback.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import time
 
@@ -41,7 +42,7 @@ def knob_values(steps, span_length, threshold, gamma, temperature, top_p, cache)
 
     def whole(name, v):
         x = number(name, v)
-        if x is not None and x != int(x):
+        if x is not None and not (math.isfinite(x) and x == int(x)):  # int(inf) would raise OverflowError
             raise DiffuseError(f"{name}={v} must be a whole number")
         return None if x is None else int(x)
 

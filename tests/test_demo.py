@@ -83,6 +83,7 @@ def test_generate_and_compare_show_the_finished_canvases_with_their_costs(demo):
                                            ({"top_p": "1.5"}, "top_p=1.5 must lie in (0, 1]"),
                                            ({"temperature": "hot"}, "temperature='hot' must be a number"),
                                            ({"steps": "2.5"}, "steps=2.5 must be a whole number"),
+                                           ({"span": "inf"}, "span_length=inf must be a whole number"),
                                            ({"sampler": "eb", "gamma": "-1"}, "gamma=-1"),
                                            ({"length": 0}, "length=0 must be a positive whole number"),
                                            ({"sampler": "ddim"}, "sampler=ddim does not decode this checkpoint"),
