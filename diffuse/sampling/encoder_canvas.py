@@ -30,6 +30,12 @@ from diffuse.sampling.base import SampleOutput, eb_accept, left_padded, token_en
 from diffuse.sampling.trace import OFF
 
 
+def temperature_at(left: int, steps: int, t_min: float, t_max: float) -> torch.Tensor:
+    """DiffusionGemma's linear schedule: `left` = n steps remaining (N … 1) → t_min + (t_max − t_min)·n/N, a
+    float32 scalar computed as transformers computes it (n an int32 tensor), so the scaled logits match bit for bit."""
+    return t_min + (t_max - t_min) * (torch.tensor(left, dtype=torch.int32) / steps)
+
+
 @torch.no_grad()
 def denoise_canvases(backbone, prompts: list[list[int]], length: int, special, loop, seed: int = 0,
                      new_stop: Callable[[], Callable] | None = None, rec=OFF) -> SampleOutput:
@@ -91,9 +97,7 @@ def _step(backbone, canvas, argmax, sc_logits, cache, dec_mask, dec_pos, step, l
     """One denoising step, as transformers' `_denoising_step`; updates `frozen` in place."""
     B, C = canvas.shape
     logits = backbone.denoise(canvas, cache, dec_mask, dec_pos, self_conditioning_logits=sc_logits)
-    # transformers computes T in float32 from an int32 step tensor: the same arithmetic gives the same logits
-    n = torch.tensor(step, dtype=torch.int32, device=canvas.device)
-    logits = logits / (loop.t_min + (loop.t_max - loop.t_min) * (n / loop.steps))
+    logits = logits / temperature_at(step, loop.steps, loop.t_min, loop.t_max)
     probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     candidate = torch.multinomial(probs.view(-1, probs.shape[-1]), 1, generator=gen).view(B, C)
     new_argmax = logits.argmax(-1)

@@ -57,14 +57,11 @@ from diffuse.sampling.base import (  # noqa: F401 (eb_accept, token_entropy: the
     trim_at_eos,
 )
 from diffuse.sampling.block import _Cached, _Uncached  # the block runners (exact KV cache, or none)
-from diffuse.sampling.encoder_canvas import denoise_canvases  # model=diffusion_gemma's loop (EncodesCanvas)
+from diffuse.sampling.encoder_canvas import (  # model=diffusion_gemma's loop (EncodesCanvas); the T schedule
+    denoise_canvases,
+    temperature_at,
+)
 from diffuse.sampling.trace import OFF, recorder
-
-
-def temperature_at(left: int, steps: int, t_min: float, t_max: float) -> torch.Tensor:
-    """DiffusionGemma's linear schedule: `left` = n steps remaining (N … 1) → t_min + (t_max − t_min)·n/N, a
-    float32 scalar computed as transformers computes it (n an int32 tensor), so the scaled logits match bit for bit."""
-    return t_min + (t_max - t_min) * (torch.tensor(left, dtype=torch.int32) / steps)
 
 
 @dataclass
