@@ -162,6 +162,15 @@ def test_loss_ce_of_the_uniform_predictor_is_log_v_and_val_is_the_nelbo():
     assert 0 < float(nelbo.loss) < math.log(VOCAB) + 1
 
 
+@pytest.mark.parametrize("loss", ["nelbo", "ce"])
+def test_a_batch_without_targets_logs_zeros_not_nan(loss):
+    """Rows of BOS and prompt only (SFT): no noisable token; every logged number is 0 (a mean of nothing was NaN)."""
+    batch = packed_batch(2, 8, docs=True)
+    batch["prompt_mask"] = (batch["segment_ids"] > 0).long()
+    out = objective(loss=loss).loss(ZeroBackbone(), batch, torch.Generator().manual_seed(0))
+    assert int(out.n_tokens) == 0 and float(out.loss) == 0
+    assert all(float(v) == 0 for v in out.metrics.values()), out.metrics
+
 def test_corruption_keeps_bos_padding_and_couples_across_times():
     obj = objective()
     obj.bind(ZeroBackbone())

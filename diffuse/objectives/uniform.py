@@ -252,7 +252,8 @@ class Uniform(nn.Module):
             loss=loss,
             nll_sum=nll.detach().sum(),
             n_tokens=n_tokens,
-            metrics={"noised_ratio": changed.float().sum() / n_tokens.clamp_min(1), "ce": ce.detach().mean()},
+            metrics={"noised_ratio": changed.float().sum() / n_tokens.clamp_min(1),
+                     "ce": ce.detach().sum() / n_tokens.clamp_min(1)},  # 0, not NaN, on a batch without targets
             token_correct=(pred == x0[where]).float(),
             token_confidence=conf,
             token_level=self.noise_level(t_tok).float(),
