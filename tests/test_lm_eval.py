@@ -260,3 +260,20 @@ def test_rolling_loglikelihood_of_an_ar_model_is_its_exact_loglikelihood_after_b
     assert rolling == pytest.approx(exact, abs=1e-4)
     long = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text * 3,), 0)])[0]
     assert long < 2 * rolling < 0  # 69 bytes in windows of 31 after BOS: about three times the cost of 23 bytes
+
+
+def test_a_self_conditioned_model_is_scored_by_its_two_pass_network():
+    """As val/nelbo and the samplers: the second pass reads the first's prediction (a one-pass score read zeros)."""
+    backbone = tiny_transformer(seed=2, self_condition=True)
+    with torch.no_grad():
+        backbone.self_cond.mlp.down.weight.normal_(0, 0.5)  # a fresh model's term is zero: make it count
+    objective = MaskedDiscrete(build_schedule("linear"), SPECIAL)
+    c = CONTINUATION[0]
+    got = MonteCarloScorer(backbone, objective, 8, 2, 0).score([(CONTEXT, [c])])[0].logprob  # one token: exact
+    z, clean = torch.tensor([CONTEXT + [SPECIAL.mask]]), torch.tensor([CONTEXT + [c]])
+    batch = {"input_ids": clean, "segment_ids": torch.ones_like(z)}
+    with torch.no_grad():
+        h = objective.conditioned_hidden(backbone, z, torch.ones(1, 1), batch, train=False)
+    two = float(objective.log_probs(backbone.logits(h).double(), z)[0, -1, c])
+    one = float(subs_log_probs(backbone, objective, CONTEXT + [SPECIAL.mask])[-1, c])
+    assert got == pytest.approx(two, abs=1e-6) and abs(two - one) > 1e-3

@@ -201,8 +201,9 @@ class MonteCarloScorer:
         t = self._t(ratio).to(z.device)
         t = t if self.block_size else t.max(1, keepdim=True).values  # one t per row for the full-sequence model
 
-        def logits(z_in, clean_in):
-            h = self.objective.hidden(self.backbone, z_in, t, {"input_ids": clean_in, "segment_ids": seg})
+        def logits(z_in, clean_in):  # a self-conditioned backbone: both passes, the network val/nelbo measures
+            h = self.objective.conditioned_hidden(self.backbone, z_in, t, {"input_ids": clean_in, "segment_ids": seg},
+                                                  train=False)
             return self.backbone.logits(h[where]).double()
 
         out = logits(z, clean)
