@@ -31,6 +31,7 @@ ROWS = [  # (eval dir, model, extra training beyond its 800 steps)
     # both teachers continued LONG_STEPS more steps (uniform.sh), and DCD on the longer uniform teacher
     ("masked_long", "masked teacher, continued", "+1600 steps"),
     ("uniform_long", "uniform (nelbo), continued", "+1600 steps"),
+    ("uniform_long_eb1.0", "uniform (nelbo), continued", "+1600 steps"),
     *[(f"dcd_long_round{r}", f"DCD round {r} on the continued uniform (→ {64 >> r} steps)", f"+1600, {r} × distill")
       for r in ROUNDS],
 ]

@@ -61,6 +61,7 @@ lane_a() {  # the judge; the uniform (nelbo) teacher, its DCD rounds and their e
   train uniform_long "${UNI[@]}" "init_from=$(ck uniform)" trainer.max_steps=$LONG trainer.val_check_interval=$LONG
   distill dcd_long "$(ck uniform_long)" method=dcd
   evaluate uniform_long "$(ck uniform_long)" "$SWEEP"
+  evaluate uniform_long_eb1.0 "$(ck uniform_long)" sampler=entropy_bound sampler.steps=64 sampler.gamma=1.0 likelihood=false
   for r in $(seq 1 "$ROUNDS"); do evaluate "dcd_long_round$r" "$OUT/dcd_long/round$r/checkpoints/last.ckpt" "$SWEEP"; done
 }
 lane_b() {  # the masked teacher, its commit rules and SDTT rounds; uniform with self-conditioning and loss=ce
