@@ -5,7 +5,7 @@
 #   teachers: masked_discrete | uniform loss=nelbo | uniform loss=ce | uniform nelbo + model.self_condition=true
 #   commit rules: masked — ancestral, threshold, eb at a few γ; uniform — uniform_ancestral, entropy_bound
 #   distillation: DCD rounds on the uniform (nelbo) teacher beside SDTT rounds on the masked one
-#   bash experiments/few_step/uniform.sh          # ≈ 80 min on 2 shared CPU cores; finished runs are kept
+#   bash experiments/few_step/uniform.sh          # ≈ 50 min on 2 shared CPU cores (measured 47); finished runs kept
 #   LANE=a|b bash experiments/few_step/uniform.sh # one lane only (e.g. on two machines); then LANE=table
 #   STEPS=… JUDGE_STEPS=… DISTILL_STEPS=… ROUNDS=… to scale
 set -euo pipefail
