@@ -229,3 +229,41 @@ def test_lora_fine_tunes_and_exports_merged(causal_lm, corpus, tmp_path):
         a = unmerged.backbone.logits(unmerged.backbone(ids=ids, segment_ids=seg))
         b = merged.backbone.logits(merged.backbone(ids=ids, segment_ids=seg))
     assert (a - b).abs().max() < 1e-5
+
+
+LLADA_LIKE = '''"""LLaDA's forward signature over diffuse's modeling file: a 4D pattern only as `attention_bias`, `attention_mask`
+a 2D padding mask, no `position_ids` (LLaDA numbers the positions itself)."""
+from .modeling_diffuse import DiffuseModel
+
+
+class LLaDALikeModel(DiffuseModel):
+    def forward(self, input_ids=None, inputs_embeds=None, attention_mask=None, attention_bias=None,
+                past_key_values=None, use_cache=False):
+        if attention_mask is not None and attention_mask.dim() != 2:
+            raise ValueError("LLaDA-like: attention_mask must be a 2D padding mask")
+        return super().forward(input_ids=input_ids, inputs_embeds=inputs_embeds,
+                               attention_mask=attention_bias if attention_bias is not None else attention_mask)
+'''
+
+
+def test_a_folder_with_llada_s_forward_signature_gets_the_pattern_as_attention_bias(remote, tmp_path):
+    """LLaDA's modeling file takes no position_ids and only a 2D attention_mask: the backbone hands it the 4D
+    pattern as attention_bias and lets it number the positions, with the same logits (RoPE is relative and packed
+    documents never see each other)."""
+    import shutil
+
+    folder, net, _ = remote
+    llada = tmp_path / "llada_signature"
+    shutil.copytree(folder, llada)
+    (llada / "modeling_llada_like.py").write_text(LLADA_LIKE)
+    config = json.loads((llada / "config.json").read_text())
+    config["auto_map"] = {**config["auto_map"], "AutoModel": "modeling_llada_like.LLaDALikeModel"}
+    config["architectures"] = ["LLaDALikeModel"]
+    (llada / "config.json").write_text(json.dumps(config))
+    model = HFCausalLM(vocab_size=net.vocab_size, base_model=str(llada), trust_remote_code=True).eval()
+    assert type(model.model).__name__ == "LLaDALikeModel" and model.remote_keywords == ("attention_bias", False)
+    ids, seg = two_documents()
+    with torch.no_grad():
+        ours = net.logits(net(ids=ids, segment_ids=seg))
+        theirs = model.logits(model(ids=ids, segment_ids=seg))
+    assert (ours - theirs)[seg > 0].abs().max() < 1e-5

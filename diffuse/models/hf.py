@@ -10,13 +10,18 @@ Positions restart at 0 in every document, so a packed document is computed exact
 
 Remote-code diffusion folders (LLaDA, Dream, diffuse's own format=remote export): `trust_remote_code=true` loads
 the folder's own modeling file (AutoModelForCausalLM when its auto_map names one, else AutoModel) and reads its
-`.logits` (the head is inside: `logits` passes them on); `mask_token_id` (null: the folder config's) must be the
+`.logits` (the head is inside: `logits` passes them on). The 4D pattern goes in as the forward's `attention_bias`
+where it has one (LLaDA: its `attention_mask` is a 2D padding mask) and as `attention_mask` otherwise (Dream,
+format=remote); `position_ids` only where the forward takes them (LLaDA numbers 0..L−1 itself: RoPE is relative and
+documents never see each other, so a packed document's logits are the same); `mask_token_id` (null: the folder config's) must be the
 tokenizer's [MASK]; `logit_shift=true` for Dream-style models whose position i predicts token i+1. A2D for a causal
 LM (models/hf_adapt.py): an added [MASK] starts at the mean embedding, `anneal_steps` opens the causal attention to
 the bidirectional one during training; `lora` trains peft adapters only.
 """
 
 from __future__ import annotations
+
+import inspect
 
 from pathlib import Path
 
@@ -33,6 +38,12 @@ from diffuse.registry import MODELS
 
 # `debug=default` (and users) size every model with these keys; they map onto any HF config
 GENERIC_KEYS = {"d_model": "hidden_size", "n_layers": "num_hidden_layers"}
+
+
+def remote_keywords(model) -> tuple[str, bool]:
+    """(the keyword a remote model's forward takes the 4D additive pattern under, whether it takes position_ids)."""
+    params = inspect.signature(model.forward).parameters
+    return ("attention_bias" if "attention_bias" in params else "attention_mask"), "position_ids" in params
 
 
 @MODELS.register("hf")
@@ -76,6 +87,7 @@ class HFCausalLM(nn.Module):
                                                           dtype=torch_dtype)
         self.vocab_size = self.model.get_output_embeddings().out_features
         self.returns_logits = trust_remote_code  # remote code: call the whole model, its head included
+        self.remote_keywords = remote_keywords(self.model) if trust_remote_code else None
         self.mask_token_id = mask_token_id if mask_token_id is not None else getattr(self.model.config,
                                                                                      "mask_token_id", None)
         self.logit_shift, self.anneal_steps = bool(logit_shift), anneal_steps
@@ -117,7 +129,9 @@ class HFCausalLM(nn.Module):
         additive = torch.zeros(allowed.shape, dtype=x.dtype, device=x.device)
         additive.masked_fill_(~allowed, torch.finfo(x.dtype).min)
         if self.returns_logits:
-            out = self.model(inputs_embeds=x, attention_mask=additive, position_ids=positions).logits
+            mask_key, takes_positions = self.remote_keywords
+            kwargs = {"inputs_embeds": x, mask_key: additive, **({"position_ids": positions} if takes_positions else {})}
+            out = self.model(**kwargs).logits
         else:
             out = self.decoder(inputs_embeds=x, attention_mask=additive, position_ids=positions,
                                use_cache=False).last_hidden_state
