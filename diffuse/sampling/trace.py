@@ -7,7 +7,8 @@ call copies the step to the CPU:
 
     canvas      [B, L] the generated span after the step (the mask id where still masked, pad where a row
                 has not reached it yet: AR)
-    committed   [B, L] positions given their final token on this step
+    committed   [B, L] positions given a token on this step: final for the masked and AR samplers; for those that
+                revise (entropy_bound, DiffusionGemma: the EB-accepted positions), a later commit is a revision
     remasked    [B, L] positions set back to [MASK] on this step (none for samplers that never revise)
     renoised    [B, L] positions redrawn by noise on this step (uniform-state and Gaussian samplers)
     confidence  [B, L] p(the proposed token), where the sampler had a proposal (else None)
