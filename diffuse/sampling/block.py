@@ -94,24 +94,16 @@ class BlockSampler:
                                "has none (use sampler=llada for a full-sequence model)")
         if length <= 0:
             raise DiffuseError(f"sampler length={length} must be positive")
-        cached = isinstance(backbone, Cached)
-        use_cache = cached if self.use_cache is None else bool(self.use_cache)
-        if use_cache and not cached:
-            raise DiffuseError(f"sampler.use_cache=true, but {type(backbone).__name__} has no KV cache: use "
-                               "sampler.use_cache=null (the cache where there is one) or false")
-        special, device, B = objective.special, next(backbone.parameters()).device, len(prompts)
-        head, head_seg = left_padded(prompts, special, device)
-        x = torch.full((B, length), special.mask, dtype=torch.long, device=device)
+        special, B = objective.special, len(prompts)
+        walk = BlockWalk(backbone, prompts, special, size, length, special.mask, self.use_cache)
+        x, run, cost, done = walk.x, walk.run, walk.cost, walk.done
+        device = x.device
         gens = row_generators(seed, B, device)
-        cost, done = RowCost(B, False, device), torch.zeros(B, dtype=torch.bool, device=device)
-        run = _Cached(backbone, head, head_seg, size, length) if use_cache else _Uncached(backbone, head, head_seg, size)
-        if use_cache:  # the prompt's prefill: alone, a row runs its own prompt's blocks
-            cost.per_row += -(-head_seg.sum(1) // size)
         grid = self.schedule.grid(self.steps, self.eps, device)  # every block runs on the same time grid
         rec = recorder(self)  # OFF unless traced (sampling/trace.py)
         self_cond = is_self_conditioned(backbone)  # each step reads the block's previous probabilities
-        for lo in range(0, length, size):
-            hi, prev = min(length, lo + size), None
+        for lo, hi in walk.blocks():
+            prev = None
             for i in range(self.steps):
                 masked = (x[:, lo:hi] == special.mask) & ~done[:, None]
                 active = masked.any(1)
@@ -127,13 +119,7 @@ class BlockSampler:
                 x[:, lo:hi] = torch.where(reveal, proposal, x[:, lo:hi])
                 rec.step(x, nfe=run.nfe, committed=reveal, logp=logp, proposal=proposal, t=grid[i],
                          columns=slice(lo, hi))
-            done |= (x[:, lo:hi] == special.eos).any(1)
-            if done.all() or hi == length:
-                break
-            if run.commit(x, lo, hi):
-                cost.forward(~done)
-        tokens, lengths = trim_at_eos(x.masked_fill(x == special.mask, special.pad), special)
-        return SampleOutput(tokens, lengths, run.nfe, [list(p) for p in prompts], cost.per_row, run.positions)
+        return walk.output(x.masked_fill(x == special.mask, special.pad))
 
 
 def _time(n_rows: int, t, device) -> torch.Tensor:
@@ -192,3 +178,41 @@ class _Uncached:
 
     def commit(self, x, lo, hi) -> bool:
         return False  # nothing to write: the next step re-runs the canvas
+
+
+class BlockWalk:
+    """What every block sampler (block, uniform_ancestral's and entropy_bound's block modes) does around its blocks:
+    the runner — the exact KV cache where the backbone has one and `use_cache` allows, else the uncached
+    block-causal canvas —, each row's cost (the cached prompt's prefill counted), the generated span `x` [B, length]
+    starting as `fill`, and, after each block, the rows done (their EOS is in it) and the committing pass.
+    `blocks()` yields (lo, hi) for the sampler to decode `x[:, lo:hi]`; `output(tokens)` is the SampleOutput."""
+
+    def __init__(self, backbone, prompts, special, size: int, length: int, fill: int, use_cache: bool | None = None):
+        cached = isinstance(backbone, Cached)
+        use_cache = cached if use_cache is None else bool(use_cache)
+        if use_cache and not cached:
+            raise DiffuseError(f"sampler.use_cache=true, but {type(backbone).__name__} has no KV cache: use "
+                               "sampler.use_cache=null (the cache where there is one) or false")
+        device, B = next(backbone.parameters()).device, len(prompts)
+        self.prompts, self.special, self.size, self.length = prompts, special, size, length
+        head, head_seg = left_padded(prompts, special, device)
+        self.run = _Cached(backbone, head, head_seg, size, length) if use_cache else _Uncached(backbone, head, head_seg, size)
+        self.cost, self.done = RowCost(B, False, device), torch.zeros(B, dtype=torch.bool, device=device)
+        if use_cache:  # the prompt's prefill: alone, a row runs its own prompt's blocks
+            self.cost.per_row += -(-head_seg.sum(1) // size)
+        self.x = torch.full((B, length), fill, dtype=torch.long, device=device)
+
+    def blocks(self):
+        for lo in range(0, self.length, self.size):
+            hi = min(self.length, lo + self.size)
+            yield lo, hi
+            self.done |= (self.x[:, lo:hi] == self.special.eos).any(1)
+            if self.done.all() or hi == self.length:
+                return
+            if self.run.commit(self.x, lo, hi):
+                self.cost.forward(~self.done)
+
+    def output(self, tokens: torch.Tensor) -> SampleOutput:
+        tokens, lengths = trim_at_eos(tokens, self.special)
+        return SampleOutput(tokens, lengths, self.run.nfe, [list(p) for p in self.prompts], self.cost.per_row,
+                            self.run.positions)

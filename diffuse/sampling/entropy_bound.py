@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from diffuse.contracts import BLOCK_UNIFORM, UNIFORM, Cached, EncodesCanvas, block_size_of, is_self_conditioned
+from diffuse.contracts import BLOCK_UNIFORM, UNIFORM, EncodesCanvas, block_size_of, is_self_conditioned
 from diffuse.core.checks import check_order, check_range
 from diffuse.errors import DiffuseError
 from diffuse.registry import SAMPLERS
@@ -56,7 +56,7 @@ from diffuse.sampling.base import (  # noqa: F401 (eb_accept, token_entropy: the
     token_entropy,
     trim_at_eos,
 )
-from diffuse.sampling.block import _Cached, _Uncached  # the block runners (exact KV cache, or none)
+from diffuse.sampling.block import BlockWalk  # the block runners (exact KV cache, or none) and their loop
 from diffuse.sampling.encoder_canvas import (  # model=diffusion_gemma's loop (EncodesCanvas); the T schedule
     denoise_canvases,
     temperature_at,
@@ -210,23 +210,12 @@ class EntropyBoundSampler:
         return SampleOutput(tokens, lengths, nfe, [list(p) for p in prompts], cost.per_row, nfe * ids.shape[1])
 
     def _blocks(self, backbone, objective, prompts, length, size, gens, rec) -> SampleOutput:
-        special, device, B = objective.special, next(backbone.parameters()).device, len(prompts)
-        head, head_seg = left_padded(prompts, special, device)
+        special = objective.special
+        walk = BlockWalk(backbone, prompts, special, size, length, special.pad, self.use_cache)
+        x, run, cost, done = walk.x, walk.run, walk.cost, walk.done
+        device = x.device
         self_cond = is_self_conditioned(backbone)  # the block runners place the block's prev_probs
-        cached = isinstance(backbone, Cached)
-        use_cache = cached if self.use_cache is None else bool(self.use_cache)
-        if use_cache and not cached:
-            raise DiffuseError(f"sampler.use_cache=true, but {type(backbone).__name__} has no KV cache: use "
-                               "sampler.use_cache=null (the cache where there is one) or false")
-        run = (_Cached(backbone, head, head_seg, size, length) if use_cache
-               else _Uncached(backbone, head, head_seg, size))
-        cost = RowCost(B, False, device)
-        if use_cache:
-            cost.per_row += -(-head_seg.sum(1) // size)
-        x = torch.full((B, length), special.pad, dtype=torch.long, device=device)
-        done = torch.zeros(B, dtype=torch.bool, device=device)
-        for lo in range(0, length, size):
-            hi = min(length, lo + size)
+        for lo, hi in walk.blocks():
 
             def logits_of(canvas, prev, left, lo=lo, hi=hi):
                 x[:, lo:hi] = canvas
@@ -237,13 +226,7 @@ class EntropyBoundSampler:
                                                 lambda c, lo=lo, hi=hi: torch.cat([x[:, :lo], c, x[:, hi:]], 1)))
             cost.per_row += out.steps
             x[:, lo:hi] = torch.where(done[:, None], special.pad, out.tokens)
-            done |= (x[:, lo:hi] == special.eos).any(1)
-            if done.all() or hi == length:
-                break
-            if run.commit(x, lo, hi):
-                cost.forward(~done)
-        tokens, lengths = trim_at_eos(x, special)
-        return SampleOutput(tokens, lengths, run.nfe, [list(p) for p in prompts], cost.per_row, run.positions)
+        return walk.output(x)
 
     @staticmethod
     def _trace(rec, columns: slice, nfe, place):

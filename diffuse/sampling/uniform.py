@@ -26,7 +26,6 @@ import torch
 from diffuse.contracts import (
     BLOCK_UNIFORM,
     UNIFORM,
-    Cached,
     UniformState,
     block_size_of,
     is_self_conditioned,
@@ -34,12 +33,10 @@ from diffuse.contracts import (
 from diffuse.core.checks import check_range
 from diffuse.registry import SAMPLERS
 from diffuse.sampling.base import (
-    RowCost,
     SampleOutput,
     check_temperature,
     check_truncation,
     draw,
-    left_padded,
     masked_canvas,
     rand_rows,
     row_generators,
@@ -47,7 +44,7 @@ from diffuse.sampling.base import (
     trim_at_eos,
     truncate,
 )
-from diffuse.sampling.block import _Cached, _Uncached
+from diffuse.sampling.block import BlockWalk
 from diffuse.sampling.trace import recorder
 
 
@@ -111,19 +108,15 @@ class UniformAncestralSampler:
         `steps` posterior steps on its own grid 1 → 0, reading the committed prefix through sampler=block's exact
         KV cache (or the uncached block-causal canvas for a backbone without one: the same tokens). A row stops
         after the block holding its first EOS. A self-conditioned backbone reads the block's previous step."""
-        special, device, B = objective.special, next(backbone.parameters()).device, len(prompts)
-        head, head_seg = left_padded(prompts, special, device)
+        special, B = objective.special, len(prompts)
+        walk = BlockWalk(backbone, prompts, special, size, length, special.pad)
+        x, run, cost, done = walk.x, walk.run, walk.cost, walk.done
+        device = x.device
         gens = row_generators(seed, B, device)
-        x = torch.full((B, length), special.pad, dtype=torch.long, device=device)
-        cached = isinstance(backbone, Cached)
-        run = _Cached(backbone, head, head_seg, size, length) if cached else _Uncached(backbone, head, head_seg, size)
-        cost, done = RowCost(B, False, device), torch.zeros(B, dtype=torch.bool, device=device)
-        if cached:  # the prompt's prefill: alone, a row runs its own prompt's blocks
-            cost.per_row += -(-head_seg.sum(1) // size)
         grid = torch.linspace(1.0, 0.0, self.steps + 1, dtype=torch.float64, device=device)
         rec, self_cond = recorder(self), is_self_conditioned(backbone)
-        for lo in range(0, length, size):
-            hi, active, prev = min(length, lo + size), ~done, None
+        for lo, hi in walk.blocks():
+            active, prev = ~done, None
             start = (rand_rows(gens, (hi - lo,), device, active=active) * backbone.vocab_size).long()
             x[:, lo:hi] = torch.where(active[:, None], start.clamp_max(backbone.vocab_size - 1), x[:, lo:hi])
             for i in range(self.steps):
@@ -138,10 +131,4 @@ class UniformAncestralSampler:
                 rec.step(x, nfe=run.nfe, renoised=lambda new=new, z=z: new != z, committed=None if i == self.steps - 1
                          else (lambda z=z: torch.zeros_like(z, dtype=torch.bool)),
                          logp=lambda q=q: q.clamp_min(1e-30).log(), t=float(grid[i]), columns=slice(lo, hi))
-            done |= (x[:, lo:hi] == special.eos).any(1)
-            if done.all() or hi == length:
-                break
-            if run.commit(x, lo, hi):
-                cost.forward(~done)
-        tokens, lengths = trim_at_eos(x, special)
-        return SampleOutput(tokens, lengths, run.nfe, [list(p) for p in prompts], cost.per_row, run.positions)
+        return walk.output(x)
